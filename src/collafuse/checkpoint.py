@@ -1,0 +1,85 @@
+"""Checkpoints of a run: every model's weights and training state, the upload streams and the history.
+
+Layout: ``RUN/checkpoints/round_000200/{server,client_0,...}/`` (each loadable with diffusers'
+``UNet2DModel.from_pretrained``), ``streams.safetensors`` and ``state.json``; ``RUN/checkpoints/LATEST``
+names the newest complete one. A checkpoint is written into a temporary folder and renamed, so a
+crash leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .experiment import Experiment
+from .files import write_text_atomic
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    ck = checkpoints_dir(run_dir)
+    pointer = ck / "LATEST"
+    if not pointer.exists():
+        return None
+    path = ck / pointer.read_text().strip()
+    if not (path / "state.json").exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete; point it at an earlier checkpoint")
+    return path
+
+
+def save(run_dir: Path, exp: Experiment, round_: int, history: list[dict[str, Any]], keep: int = 2) -> Path:
+    """Write the state after ``round_`` completed rounds; keep the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_file
+
+    ck = checkpoints_dir(run_dir)
+    ck.mkdir(parents=True, exist_ok=True)
+    name = f"round_{round_:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ck))
+    try:
+        for key, trainer in exp.trainers.items():
+            trainer.save(tmp / key)
+        save_file({f"client_{c.cid}.upload": c.upload_generator.get_state() for c in exp.clients},
+                  str(tmp / "streams.safetensors"))
+        state = {"round": round_, "history": history, "t_zeta": exp.split.t_zeta, "T": exp.split.T}
+        (tmp / "state.json").write_text(json.dumps(state))
+        final = ck / name
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(ck / "LATEST", name + "\n")
+    done = sorted(p for p in ck.glob("round_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: Path, exp: Experiment) -> tuple[int, list[dict[str, Any]]]:
+    """Restore ``exp`` from checkpoint folder ``path``; returns (completed rounds, history)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / 'state.json'} is unreadable ({exc})") from exc
+    if state.get("t_zeta") != exp.split.t_zeta or state.get("T") != exp.split.T:
+        raise CheckpointError(f"{path} was made with t_zeta = {state.get('t_zeta')}, T = {state.get('T')}; "
+                              f"the config says {exp.split.t_zeta}, {exp.split.T}")
+    for key, trainer in exp.trainers.items():
+        trainer.load(path / key)
+    try:
+        streams = load_file(str(path / "streams.safetensors"))
+    except Exception as exc:  # safetensors raises several kinds
+        raise CheckpointError(f"{path / 'streams.safetensors'} is missing or corrupt ({exc})") from exc
+    for c in exp.clients:
+        c.upload_generator.set_state(streams[f"client_{c.cid}.upload"])
+    return int(state["round"]), list(state["history"])

@@ -1,0 +1,115 @@
+"""A client: private data, a private denoiser for steps 1..t_zeta, and what it uploads.
+
+No transport code lives here: the engines call these methods directly (local) or from a
+Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .data import ClientData
+from .split import Split
+from .training import Trainer
+
+UPLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Everything a client sends the server in a round: x_{t_zeta} and, if conditional, labels.
+
+    Never x_0 and never the noise that made x_{t_zeta}: with both the server could compute x_0.
+    """
+
+    client_id: int
+    round: int
+    t_zeta: int
+    x_t_zeta: Tensor
+    labels: Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.x_t_zeta.numel() * self.x_t_zeta.element_size()
+        return n + (0 if self.labels is None else self.labels.numel() * self.labels.element_size())
+
+
+class FreshNoise:
+    """Upload policy of the paper's code: each round draws images and noises them afresh.
+
+    Known weakness (DESIGN.md): the server receives many noisy copies of the same image over
+    rounds. Policies are pluggable so that disclosure can be measured for each.
+    """
+
+    name = "fresh"
+
+    def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(data.train_x), (n,), generator=generator)
+        x0 = data.train_x[idx]
+        eps = torch.randn(x0.shape, generator=generator)
+        return split.schedule.add_noise(x0, eps, split.t_zeta), data.train_y[idx]
+
+
+UPLOAD_POLICIES = {"fresh": FreshNoise}
+
+
+class Client:
+    """One client of CollaFuse. ``trainer`` is None when t_zeta = 0 (the client does no denoising)."""
+
+    def __init__(self, data: ClientData, split: Split, trainer: Trainer | None, *, batch_size: int,
+                 upload_size: int, upload_dtype: str = "float32", conditional: bool = True,
+                 policy: FreshNoise | None = None, seed: int = 0) -> None:
+        self.data = data
+        self.cid = data.cid
+        self.split = split
+        self.trainer = trainer
+        self.batch_size = batch_size
+        self.upload_size = upload_size
+        self.upload_dtype = UPLOAD_DTYPES[upload_dtype]
+        self.conditional = conditional
+        self.policy = policy or FreshNoise()
+        # the stream for uploads is separate from training's so that both are reproducible alone
+        self.upload_generator = torch.Generator().manual_seed(seed)
+
+    def train_round(self, steps: int, round_: int = 0) -> dict[str, float]:
+        """``steps`` local optimiser steps on private data; returns loss, seconds, samples."""
+        if self.trainer is None or steps == 0:
+            return {"loss": float("nan"), "seconds": 0.0, "samples": 0}
+        start = time.perf_counter()
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.data.train_x), (self.batch_size,), generator=self.trainer.generator)
+            y = self.data.train_y[idx] if self.conditional else None
+            losses.append(self.trainer.step(self.split.client_chain, self.data.train_x[idx], y,
+                                            where=f"at client {self.cid} in round {round_}"))
+        return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
+                "samples": steps * self.batch_size}
+
+    def make_upload(self, round_: int) -> Upload | None:
+        """x_{t_zeta} of a fresh batch (and its labels); None when the server owns no step."""
+        if not self.split.server_active:
+            return None
+        x, y = self.policy.draw(self.data, self.upload_size, self.split, self.upload_generator)
+        return Upload(self.cid, round_, self.split.t_zeta, x.to(self.upload_dtype).contiguous(),
+                      y.clone() if self.conditional else None)
+
+    def sample_labels(self, n: int) -> Tensor | None:
+        """Labels a client asks the server to condition on: its own classes, in turn."""
+        if not self.conditional:
+            return None
+        classes = torch.tensor(self.data.classes, dtype=torch.long)
+        return classes[torch.arange(n) % len(classes)]
+
+    def finish(self, x_t_zeta: Tensor, labels: Tensor | None, *, sampler: str = "ddpm", steps: int = 1000,
+               eta: float = 0.0, guidance: float = 1.0, clip: bool = True,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Denoise the server's handover from t_zeta down to x_0 with the private denoiser."""
+        if self.trainer is None:
+            return x_t_zeta.clamp(-1, 1) if clip else x_t_zeta
+        x = self.split.client_sample(self.trainer.eps_fn(labels, guidance), x_t_zeta.float(), sampler=sampler,
+                                     steps=steps, eta=eta, generator=generator, clip=1.0 if clip else None)
+        return x.clamp(-1, 1) if clip else x

@@ -1,0 +1,246 @@
+"""One TOML file per experiment <-> typed dataclasses, with ``--set section.key=value`` overrides.
+
+Every key is checked for name, type and range; a problem is a :class:`ConfigError` whose one
+line names the key and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .files import write_text_atomic
+from .split import SAMPLERS, resolve_t_zeta
+
+DEFAULT_CLIENTS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+@dataclass
+class RunSection:
+    seed: int = 0
+    name: str = ""  # run folder name under runs/; empty means <config>-<time>
+
+
+@dataclass
+class DataSection:
+    name: str = "digits"
+    clients: list[list[int]] = field(default_factory=lambda: [list(g) for g in DEFAULT_CLIENTS])
+    test_fraction: float = 0.2
+    seed: int = 0
+    root: str = ""
+
+
+@dataclass
+class SplitSection:
+    T: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    t_zeta: int = 200
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    conditional: bool = True
+    cond_dropout: float = 0.1
+
+
+@dataclass
+class TrainSection:
+    rounds: int = 600
+    local_steps: int = 1
+    batch_size: int = 64
+    upload_size: int = 64
+    server_epochs: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    upload_dtype: str = "float32"
+    upload_policy: str = "fresh"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SampleSection:
+    n_per_client: int = 64
+    sampler: str = "ddpm"
+    steps: int = 1000
+    eta: float = 0.0
+    guidance: float = 1.0
+    clip: bool = True
+
+
+@dataclass
+class EngineSection:
+    name: str = "local"
+    threads: int = 0  # 0: PyTorch's default
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    split: SplitSection = field(default_factory=SplitSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# key -> (check, what is allowed). Checks run after types are known to be right.
+_RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
+    "split.T": (lambda v, c: v >= 1, "an integer >= 1"),
+    "split.beta_start": (lambda v, c: 0 < v < 1, "in (0, 1)"),
+    "split.beta_end": (lambda v, c: c.split.beta_start <= v < 1, "in [split.beta_start, 1)"),
+    "split.schedule": (lambda v, c: v in ("linear", "cosine"), "'linear' or 'cosine'"),
+    "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
+    "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "data.name": (lambda v, c: v in ("digits",), "'digits'"),
+    "data.test_fraction": (lambda v, c: 0 < v < 1, "in (0, 1)"),
+    "data.clients": (lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
+                     "a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]"),
+    "train.rounds": (lambda v, c: v >= 1, "an integer >= 1"),
+    "train.local_steps": (lambda v, c: v >= 0, "an integer >= 0"),
+    "train.batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
+    "train.upload_size": (lambda v, c: v >= 1, "an integer >= 1"),
+    "train.server_epochs": (lambda v, c: v >= 1, "an integer >= 1"),
+    "train.lr": (lambda v, c: 0 < v <= 1, "in (0, 1]"),
+    "train.weight_decay": (lambda v, c: v >= 0, ">= 0"),
+    "train.ema_decay": (lambda v, c: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
+    "train.upload_dtype": (lambda v, c: v in ("float32", "float16"), "'float32' or 'float16'"),
+    "train.upload_policy": (lambda v, c: v in ("fresh",), "'fresh'"),
+    "train.checkpoint_every": (lambda v, c: v >= 1, "an integer >= 1"),
+    "train.keep_checkpoints": (lambda v, c: v >= 1, "an integer >= 1"),
+    "sample.n_per_client": (lambda v, c: v >= 1, "an integer >= 1"),
+    "sample.sampler": (lambda v, c: v in SAMPLERS, " or ".join(repr(s) for s in SAMPLERS)),
+    "sample.steps": (lambda v, c: v >= 1, "an integer >= 1 (DDIM steps, at most T are used)"),
+    "sample.eta": (lambda v, c: 0 <= v <= 1, "in [0, 1]"),
+    "sample.guidance": (lambda v, c: v >= 0, ">= 0 (1 = plain conditional)"),
+    "engine.name": (lambda v, c: v in ("local",), "'local'"),
+    "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} must be a list")
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key} = {value!r} must be {_type_name(tp)}")
+    return value
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+
+
+def from_dict(raw: dict[str, Any], cli_keys: frozenset[str] = frozenset()) -> Config:
+    """Build and validate a Config. Keys in ``cli_keys`` came from the command line."""
+    sections = _sections()
+    cfg = Config()
+    for sec_name, values in raw.items():
+        if sec_name not in sections:
+            raise ConfigError(f"unknown section [{sec_name}]: sections are {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{sec_name}] must be a table of keys")
+        sec = getattr(cfg, sec_name)
+        hints = typing.get_type_hints(type(sec))
+        for key, value in values.items():
+            full = f"{sec_name}.{key}"
+            if key not in hints:
+                raise ConfigError(f"unknown key {full}: [{sec_name}] has {', '.join(hints)}")
+            if full == "split.t_zeta":
+                if isinstance(value, float) and full not in cli_keys:
+                    raise ConfigError(f"split.t_zeta = {value} must be an integer timestep in the config file; "
+                                      f"a fraction of T is accepted only on the command line")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    setattr(sec, key, value)  # a fraction is resolved once T is known
+                    continue
+            setattr(sec, key, _check_type(full, value, hints[key]))
+    cfg.split.t_zeta = resolve_t_zeta(_check_type_num("split.t_zeta", cfg.split.t_zeta), cfg.split.T)
+    validate(cfg)
+    return cfg
+
+
+def _check_type_num(key: str, value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} = {value!r} must be an integer step (or a fraction of T on the command line)")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check every range and the settings that contradict each other."""
+    for key, (ok, allowed) in _RANGES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if not ok(value, cfg):
+            raise ConfigError(f"{key} = {value!r} is out of range: it must be {allowed}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'section.key=value' -> (key, value); the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value, e.g. --set train.rounds=50")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.rounds")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or the defaults), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    cli = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        sec, name = key.split(".")
+        raw.setdefault(sec, {})
+        if not isinstance(raw[sec], dict):
+            raise ConfigError(f"[{sec}] must be a table of keys")
+        raw[sec][name] = value
+        cli.add(key)
+    return from_dict(raw, frozenset(cli))
+
+
+def dumps(cfg: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())
+
+
+def write(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically."""
+    write_text_atomic(path, dumps(cfg))

@@ -1,0 +1,168 @@
+"""The local engine: server and clients in one process, called directly. Deterministic for a seed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint
+from .. import config as config_mod
+from ..config import Config
+from ..errors import CheckpointError
+from ..experiment import Experiment, build, sample_clients
+from ..files import write_text_atomic
+from ..report import plot_losses, save_grid, save_handover, write_report
+from ..split import describe_cut
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+    """Create the run folder, or check that the one given belongs to this run when resuming."""
+    saved = run_dir / "config.toml"
+    if resume:
+        if not saved.exists():
+            raise CheckpointError(f"{run_dir} holds no run to resume (no config.toml); drop --resume to start one")
+        old = config_mod.load(saved).to_dict()
+        new = cfg.to_dict()
+        # only the length of training and what happens after it may change on resume
+        free = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
+                ("sample",), ("engine", "threads")}
+        for sec, values in new.items():
+            for key, value in values.items():
+                if (sec,) in free or (sec, key) in free:
+                    continue
+                if old[sec][key] != value:
+                    raise CheckpointError(f"{sec}.{key} = {value!r} differs from the run being resumed "
+                                          f"({old[sec][key]!r}); start a new run folder to change it")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} already holds files; add --resume to continue that run, "
+                              f"or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.write(cfg, saved)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the run folder {run_dir} ({exc.strerror}); choose another --out") from exc
+
+
+def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the rounds of DESIGN.md section 4, checkpointing as configured; returns the loss history."""
+    from tqdm.auto import tqdm
+
+    tr = exp.cfg.train
+    start_round, history = 0, []
+    if resume:
+        ck = checkpoint.latest(run_dir)
+        if ck is not None:
+            start_round, history = checkpoint.load(ck, exp)
+            log.info("resumed from %s", ck)
+    bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
+               disable=not progress, unit="round")
+    for r in bar:
+        client_metrics, uploads = [], []
+        for c in exp.clients:
+            client_metrics.append(c.train_round(tr.local_steps, r))
+            up = c.make_upload(r)
+            if up is not None:
+                uploads.append(up)
+        accepted = exp.server.accept(uploads)
+        server_metrics = exp.server.train_round(accepted, r)
+        history.append({
+            "round": r + 1,
+            "server_loss": _num(server_metrics["loss"]),
+            "client_loss": [_num(m["loss"]) for m in client_metrics],
+            "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
+            "client_seconds": [m["seconds"] for m in client_metrics],
+            "client_samples": [m["samples"] for m in client_metrics],
+            "upload_bytes": [u.nbytes for u in uploads], "rejected": len(uploads) - len(accepted),
+        })
+        bar.set_postfix_str(_postfix(history[-1]), refresh=False)
+        done = r + 1
+        if done % tr.checkpoint_every == 0 or done == tr.rounds:
+            checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
+    bar.close()
+    if start_round >= tr.rounds and checkpoint.latest(run_dir) is None:
+        checkpoint.save(run_dir, exp, tr.rounds, history, keep=tr.keep_checkpoints)
+    return history
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _postfix(h: dict[str, Any]) -> str:
+    parts = []
+    if h["server_loss"] is not None:
+        parts.append(f"server {h['server_loss']:.3f}")
+    cl = [f"{v:.3f}" for v in h["client_loss"] if v is not None]
+    if cl:
+        parts.append("clients " + "/".join(cl))
+    return ", ".join(parts)
+
+
+def _rate(history: list[dict[str, Any]], who: str) -> dict[str, Any]:
+    if who == "server":
+        secs = sum(h["server_seconds"] for h in history)
+        n = sum(h["server_samples"] for h in history)
+        final = history[-1]["server_loss"] if history else None
+    else:
+        secs = sum(sum(h["client_seconds"]) for h in history)
+        n = sum(sum(h["client_samples"]) for h in history)
+        final = history[-1]["client_loss"] if history else []
+    return {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final}
+
+
+def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wall: float,
+               progress: bool = True) -> dict[str, Any]:
+    """Export the models, sample every client, draw the pictures and write metrics.json and report.md."""
+    for key, trainer in exp.trainers.items():
+        trainer.sampling_model.save(run_dir / "models" / key)
+    n = exp.cfg.sample.n_per_client
+    out = sample_clients(exp, {c.cid: n for c in exp.clients}, progress=progress)
+    for cid, x in out["samples"].items():
+        save_grid(x, run_dir / "samples" / f"client_{cid}.png")
+    signal, noise = exp.split.signal_noise_at_cut()
+    save_handover(out["handover"], out["samples"], run_dir / "samples" / "handover.png",
+                  scale=max(1.0, signal + noise))
+    if history:
+        plot_losses(history, run_dir / "plots" / "loss.png")
+    n_total = n * len(exp.clients)
+    client_secs = sum(out["client_seconds"].values())
+    upload_bytes = [b for h in history for b in h["upload_bytes"]]
+    metrics = {
+        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "cut": describe_cut(exp.split.t_zeta, exp.split.T),
+        "signal_at_cut": signal, "noise_at_cut": noise,
+        "data": {"name": exp.data.name, "clients": exp.data.describe()},
+        "rounds": len(history), "wall_seconds": wall,
+        "train": {"server": _rate(history, "server"), "client": _rate(history, "client")},
+        "upload": {"dtype": exp.cfg.train.upload_dtype,
+                   "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
+                   "bytes_total": sum(upload_bytes)},
+        "rejected_uploads": sum(h["rejected"] for h in history),
+        "sampling": {
+            "sampler": exp.cfg.sample.sampler, "steps": exp.cfg.sample.steps, "images": n_total,
+            "server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
+            "server_seconds_per_image": out["server_seconds"] / n_total,
+            "client_seconds_per_image": client_secs / n_total,
+            "seconds_per_image": (out["server_seconds"] + client_secs) / n_total,
+        },
+        "history": history,
+    }
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    write_report(run_dir, metrics)
+    return metrics
+
+
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train and sample one experiment into ``run_dir``; returns the metrics."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, cfg, resume)
+    log.info(describe_cut(cfg.split.t_zeta, cfg.split.T))
+    exp = build(cfg)
+    start = time.perf_counter()
+    history = train(exp, run_dir, resume=resume, progress=progress)
+    return finish_run(exp, run_dir, history, time.perf_counter() - start, progress=progress)

@@ -1,0 +1,140 @@
+"""Pictures and the human-readable report of a run: sample grids, loss curves, report.md."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .files import write_bytes_atomic, write_text_atomic
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """Images in [-1, 1] of shape (N, C, H, W) -> uint8 (N, H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_image(rows: list[Tensor], cell: int = 64, pad: int = 2) -> np.ndarray:
+    """Lay out rows of images (each (n, C, H, W) in [-1, 1]) enlarged to ``cell`` pixels, nearest-neighbour."""
+    ncol = max(len(r) for r in rows)
+    c = rows[0].shape[1]
+    scale = max(1, cell // rows[0].shape[-1])
+    h, w = rows[0].shape[-2] * scale, rows[0].shape[-1] * scale
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, row in enumerate(rows):
+        imgs = to_uint8(row).repeat(scale, axis=1).repeat(scale, axis=2)
+        for j, img in enumerate(imgs):
+            y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = img
+    return canvas
+
+
+def square_rows(x: Tensor) -> list[Tensor]:
+    ncol = math.ceil(math.sqrt(len(x)))
+    return [x[i:i + ncol] for i in range(0, len(x), ncol)]
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def save_grid(x: Tensor, path: Path) -> None:
+    """A square grid of samples, enlarged for viewing."""
+    save_png(grid_image(square_rows(x)), path)
+
+
+def save_handover(handover: dict[int, Tensor], samples: dict[int, Tensor], path: Path, k: int = 8,
+                  scale: float = 1.0) -> None:
+    """Per client: a row of the server's x_{t_zeta} (divided by ``scale``) above what the client made of it."""
+    rows = []
+    for cid in handover:
+        rows.append(handover[cid][:k] / scale)
+        rows.append(samples[cid][:k])
+    save_png(grid_image(rows), path)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, smooth: int = 20) -> None:
+    """Loss curves of the server and every client against the round (moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = np.array([h["round"] for h in history])
+    series = {}
+    if history and history[0]["server_loss"] is not None:
+        series["server (steps > t_zeta)"] = [h["server_loss"] for h in history]
+    for i in range(len(history[0]["client_loss"]) if history else 0):
+        vals = [h["client_loss"][i] for h in history]
+        if vals[0] is not None:
+            series[f"client {i} (steps <= t_zeta)"] = vals
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, vals in series.items():
+        v = np.array(vals, dtype=float)
+        k = max(1, min(smooth, len(v)))
+        sm = np.convolve(v, np.ones(k) / k, mode="valid")
+        ax.plot(rounds[k - 1:], sm, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"epsilon MSE (moving average of {smooth})")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("training loss")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """report.md: what was run, what it measured, and the pictures."""
+    tr, sp = metrics["train"], metrics["sampling"]
+    lines = [
+        f"# collafuse run: {run_dir.name}",
+        "",
+        metrics["cut"],
+        "",
+        f"- data: {metrics['data']['name']}, {len(metrics['data']['clients'])} clients "
+        + "; ".join(f"client {c['client']}: classes {c['classes']}, {c['train']} train / {c['test']} test"
+                    for c in metrics["data"]["clients"]),
+        f"- rounds: {metrics['rounds']}, wall time {metrics['wall_seconds']:.1f} s",
+        f"- upload per client and round: {metrics['upload']['bytes_per_client_round']} bytes "
+        f"({metrics['upload']['dtype']}); rejected uploads: {metrics['rejected_uploads']}",
+        "",
+        "| model | images/s (training) | final loss |",
+        "|---|---|---|",
+        f"| server | {_fmt(tr['server']['images_per_s'])} | {_fmt(tr['server']['final_loss'])} |",
+    ]
+    for i, loss in enumerate(tr["client"]["final_loss"]):
+        lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s'])} | {_fmt(loss)} |")
+    lines += [
+        "",
+        f"Sampling ({sp['sampler']}): {sp['server_evals_per_image']} server and {sp['client_evals_per_image']} "
+        f"client network evaluations per image; {_fmt(sp['seconds_per_image'])} s per image "
+        f"(server {_fmt(sp['server_seconds_per_image'])}, client {_fmt(sp['client_seconds_per_image'])}).",
+        "",
+        "## Samples (each client's own grid)",
+        "",
+    ]
+    lines += [f"![client {c['client']}](samples/client_{c['client']}.png)" for c in metrics["data"]["clients"]]
+    lines += ["", "## Handover: server's x_t_zeta (upper row) and the client's result (lower row)", "",
+              "![handover](samples/handover.png)", "", "## Loss", "", "![loss](plots/loss.png)", ""]
+    write_text_atomic(run_dir / "report.md", "\n".join(lines))
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4g}"

@@ -1,0 +1,134 @@
+"""The cut: which timesteps belong to whom, and the handover at t_zeta.
+
+t_zeta is the number of denoising steps done by the client (an integer in 0..T):
+the client owns steps 1..t_zeta, the server owns t_zeta+1..T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .schedule import Chain, EpsFn, NoiseSchedule, ddim_loop, ddpm_loop, split_ddim_timesteps
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def resolve_t_zeta(value: int | float, T: int) -> int:
+    """Turn a CLI cut (an integer step, or a float fraction of T in [0, 1]) into a step."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"split.t_zeta = {value!r} must be an integer step in 0..{T} or a fraction in [0, 1]")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"split.t_zeta = {value} is a fraction outside [0, 1]: give a fraction of T in [0, 1] "
+                              f"or an integer step in 0..{T}")
+        return int(round(value * T))
+    if not 0 <= value <= T:
+        raise ConfigError(f"split.t_zeta = {value} is out of range: it must be an integer step in 0..{T} (split.T)")
+    return value
+
+
+def describe_cut(t_zeta: int, T: int) -> str:
+    """One line that says what this cut means."""
+    if t_zeta == 0:
+        return ("t_zeta = 0: one global model. The clients do no denoising and the server is trained "
+                "on the clients' raw images (x_0 crosses the wire).")
+    if t_zeta == T:
+        return (f"t_zeta = T = {T}: every client alone. The server does nothing and nothing is uploaded.")
+    return (f"t_zeta = {t_zeta} of T = {T}: the server denoises steps {T}..{t_zeta + 1}, "
+            f"each client steps {t_zeta}..1.")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A schedule cut at t_zeta into the client's chain and the server's tail chain."""
+
+    schedule: NoiseSchedule
+    t_zeta: int
+
+    def __post_init__(self) -> None:
+        resolve_t_zeta(self.t_zeta, self.schedule.T)
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    @property
+    def client_chain(self) -> Chain:
+        return self.schedule.chain(0, self.t_zeta)
+
+    @property
+    def server_chain(self) -> Chain:
+        return self.schedule.chain(self.t_zeta, self.T)
+
+    @property
+    def server_active(self) -> bool:
+        return self.t_zeta < self.T
+
+    @property
+    def client_active(self) -> bool:
+        return self.t_zeta > 0
+
+    def signal_noise_at_cut(self) -> tuple[float, float]:
+        """(signal, noise) coefficients sqrt(abar_zeta), sqrt(1 - abar_zeta) of the upload."""
+        a = float(self.schedule.abar[self.t_zeta])
+        return a**0.5, (1 - a) ** 0.5
+
+    def server_sample(
+        self,
+        eps_fn: EpsFn,
+        x_T: Tensor,
+        sampler: str = "ddpm",
+        steps: int = 1000,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """Denoise x_T ~ N(0, I) down to the handover x_{t_zeta}. ``eps_fn`` is the tail epsilon."""
+        chain = self.server_chain
+        if chain.steps == 0:
+            return x_T
+        if sampler == "ddpm":
+            return ddpm_loop(chain, eps_fn, x_T, generator=generator, progress=progress)
+        if sampler == "ddim":
+            ts, _ = split_ddim_timesteps(self.T, self.t_zeta, steps)
+
+            def eps_full(x: Tensor, t: Tensor) -> Tensor:
+                return chain.eps_to_full(eps_fn(x, t), t)
+
+            return ddim_loop(self.schedule, eps_full, x_T, ts, eta=eta, generator=generator, progress=progress)
+        raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+
+    def client_sample(
+        self,
+        eps_fn: EpsFn,
+        x_t_zeta: Tensor,
+        sampler: str = "ddpm",
+        steps: int = 1000,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        clip: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """Finish the handover x_{t_zeta} down to x_0 with the client's denoiser."""
+        chain = self.client_chain
+        if chain.steps == 0:
+            return x_t_zeta
+        if sampler == "ddpm":
+            return ddpm_loop(chain, eps_fn, x_t_zeta, generator=generator, clip=clip, progress=progress)
+        if sampler == "ddim":
+            _, ts = split_ddim_timesteps(self.T, self.t_zeta, steps)
+            return ddim_loop(self.schedule, eps_fn, x_t_zeta, ts, eta=eta, generator=generator, clip=clip,
+                             progress=progress)
+        raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+
+    def sample_steps(self, sampler: str, steps: int) -> tuple[int, int]:
+        """How many network evaluations the server and the client make per image."""
+        if sampler == "ddpm":
+            return self.T - self.t_zeta, self.t_zeta
+        s, c = split_ddim_timesteps(self.T, self.t_zeta, steps)
+        return len(s) - 1, len(c) - 1

@@ -1,0 +1,122 @@
+"""What client and server share: a denoiser, its optimiser, an EMA copy and a private random stream."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import CheckpointError, CollafuseError
+from .models import Denoiser
+from .schedule import Chain, EpsFn
+
+
+class NonFiniteLoss(CollafuseError):
+    """A training loss became NaN or infinite."""
+
+
+class Trainer:
+    """Trains one denoiser with the epsilon loss on one chain; keeps everything needed to resume."""
+
+    def __init__(self, name: str, denoiser: Denoiser, lr: float, weight_decay: float, ema_decay: float,
+                 seed: int, grad_clip: float = 1.0) -> None:
+        self.name = name
+        self.model = denoiser
+        self.opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=weight_decay)
+        self.ema_decay = ema_decay
+        self.ema = copy.deepcopy(denoiser).requires_grad_(False) if ema_decay > 0 else None
+        self.grad_clip = grad_clip
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+
+    @property
+    def sampling_model(self) -> Denoiser:
+        """The weights to sample with: the EMA copy if there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    def step(self, chain: Chain, x_start: Tensor, y: Tensor | None, where: str = "") -> float:
+        """One optimiser step of ||eps_hat(x_t, t) - eps||^2 with t uniform over the chain's steps."""
+        g = self.generator
+        t = chain.sample_t(x_start.shape[0], g)
+        eps = torch.randn(x_start.shape, generator=g)
+        x_t = chain.q_sample(x_start, eps, t).float()
+        y = self.model.drop_labels(y, g)
+        self.model.train()
+        loss = F.mse_loss(self.model(x_t, t, y), eps)
+        value = float(loss.detach())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the {self.name} loss became {value} {where}: lower train.lr "
+                                f"and resume from the last checkpoint")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        if self.ema is not None:
+            # warm-up so that early samples are not dominated by the random initialisation
+            decay = min(self.ema_decay, (1 + self.steps) / (10 + self.steps))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+        return value
+
+    def eps_fn(self, y: Tensor | None, guidance: float = 1.0) -> EpsFn:
+        """The sampling model as an ``eps_fn(x, t)`` for a batch with labels ``y``."""
+        model = self.sampling_model.eval()
+
+        def fn(x: Tensor, t: Tensor) -> Tensor:
+            with torch.inference_mode():
+                return model.guided(x.float(), t, y, guidance).to(x.dtype)
+
+        return fn
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Write the sampling weights in diffusers' format plus the full training state."""
+        from safetensors.torch import save_file
+
+        self.sampling_model.save(folder)
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        opt = self.opt.state_dict()
+        for idx, st in opt["state"].items():
+            for key, val in st.items():
+                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).contiguous()
+        tensors["rng"] = self.generator.get_state()
+        meta = {"param_groups": json.dumps(opt["param_groups"]), "steps": str(self.steps), "name": self.name}
+        save_file(tensors, str(folder / "train_state.safetensors"), metadata=meta)
+
+    def load(self, folder: Path) -> None:
+        """Restore exactly what :meth:`save` wrote."""
+        from safetensors import SafetensorError, safe_open
+
+        path = folder / "train_state.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; delete it to resume from an "
+                                  f"earlier one")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is truncated or corrupt ({exc})") from exc
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match this model ({str(exc).splitlines()[0]}); "
+                                  f"was model.* changed?") from exc
+        state: dict[int, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.generator.set_state(tensors["rng"])
+        self.steps = int(meta["steps"])
+        if self.ema is not None:
+            self.ema.load_weights(folder)

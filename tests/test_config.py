@@ -1,0 +1,89 @@
+"""Config loading, overrides, and the one-line errors for bad values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collafuse import config
+from collafuse.errors import ConfigError
+
+
+def test_defaults_are_the_documented_experiment() -> None:
+    cfg = config.load()
+    assert cfg.split.T == 1000 and cfg.split.t_zeta == 200
+    assert cfg.data.clients == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert cfg.model.conditional
+
+
+def test_overrides_and_round_trip(tmp_path: Path) -> None:
+    cfg = config.load(None, ["train.rounds=7", "split.schedule=cosine", "data.clients=[[0], [1, 2]]"])
+    assert cfg.train.rounds == 7 and cfg.split.schedule == "cosine" and cfg.data.clients == [[0], [1, 2]]
+    path = tmp_path / "c.toml"
+    config.write(cfg, path)
+    assert config.load(path) == cfg
+
+
+def test_fraction_of_T_only_on_the_command_line(tmp_path: Path) -> None:
+    assert config.load(None, ["split.t_zeta=0.25"]).split.t_zeta == 250
+    assert config.load(None, ["split.T=200", "split.t_zeta=0.5"]).split.t_zeta == 100
+    assert config.load(None, ["split.t_zeta=1"]).split.t_zeta == 1  # an integer is a step
+    path = tmp_path / "c.toml"
+    path.write_text("[split]\nt_zeta = 0.2\n")
+    with pytest.raises(ConfigError, match="integer timestep in the config file"):
+        config.load(path)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("split.t_zeta=-1", "split.t_zeta = -1 is out of range"),
+    ("split.t_zeta=1001", "split.t_zeta = 1001 is out of range"),
+    ("split.t_zeta=1.5", "fraction outside [0, 1]"),
+    ("split.t_zeta=-0.2", "fraction outside [0, 1]"),
+    ("split.t_zeta='half'", "split.t_zeta"),
+    ("train.rounds=0", "train.rounds = 0 is out of range"),
+    ("train.rounds=2.5", "train.rounds = 2.5 must be an integer"),
+    ("train.rounds=true", "train.rounds = True must be an integer"),
+    ("train.lr=-1", "train.lr = -1.0 is out of range"),
+    ("train.bogus=1", "unknown key train.bogus"),
+    ("nosuch.key=1", "unknown section [nosuch]"),
+    ("model.preset=huge", "model.preset = 'huge' is out of range"),
+    ("sample.sampler=euler", "sample.sampler = 'euler' is out of range"),
+    ("sample.steps=0", "sample.steps = 0 is out of range"),
+    ("split.beta_end=0.00001", "split.beta_end"),
+    ("train.rounds", "must look like section.key=value"),
+])
+def test_bad_values_raise_one_line_naming_the_key(override: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, [override])
+    msg = str(info.value)
+    assert words in msg
+    assert "\n" not in msg
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("override", ["split.t_zeta=-5", "split.t_zeta=2.0", "train.nope=1", "train.rounds=x"])
+def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path) -> None:
+    res = _cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("collafuse: error: ")
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a rejected config
+
+
+def test_cli_rejects_missing_and_malformed_config_files(tmp_path: Path) -> None:
+    res = _cli("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nrounds = 3\n")
+    res = _cli("run", str(bad), cwd=tmp_path)
+    assert res.returncode == 2 and "not valid TOML" in res.stderr

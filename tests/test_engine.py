@@ -1,0 +1,116 @@
+"""The local engine: determinism for a seed, and resume after an interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from collafuse import checkpoint, config
+from collafuse.engines import local
+from collafuse.errors import CheckpointError
+from collafuse.experiment import build, sample_clients
+
+
+def _train(run_dir: Path, overrides: list[str] = (), resume: bool = False):
+    cfg = config.load(None, TINY + list(overrides))
+    local.prepare_run_dir(run_dir, cfg, resume)
+    exp = build(cfg)
+    history = local.train(exp, run_dir, resume=resume, progress=False)
+    return exp, history
+
+
+def _state(exp) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tr in exp.trainers.items():
+        for k, v in tr.model.state_dict().items():
+            out[f"{name}.{k}"] = v.clone()
+        for k, v in tr.sampling_model.state_dict().items():
+            out[f"{name}.ema.{k}"] = v.clone()
+    return out
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_weights_and_samples(tmp_path: Path) -> None:
+    e1, h1 = _train(tmp_path / "a")
+    e2, h2 = _train(tmp_path / "b")
+    _assert_same(_state(e1), _state(e2))
+    assert [h["server_loss"] for h in h1] == [h["server_loss"] for h in h2]
+    s1 = sample_clients(e1, {0: 3, 2: 3})
+    s2 = sample_clients(e2, {0: 3, 2: 3})
+    for cid in (0, 2):
+        assert torch.equal(s1["samples"][cid], s2["samples"][cid])
+    # and another seed gives other weights
+    e3, _ = _train(tmp_path / "c", ["run.seed=1"])
+    assert any(not torch.equal(v, _state(e3)[k]) for k, v in _state(e1).items())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    full, full_hist = _train(tmp_path / "full", ["train.rounds=6"])
+    # a run that dies in the middle of round 5 (after the checkpoint of round 4)
+    from collafuse.server import Server
+
+    original = Server.train_round
+
+    def dying(self, uploads, round_=0):
+        if round_ == 4:
+            raise Crash()
+        return original(self, uploads, round_)
+
+    monkeypatch.setattr(Server, "train_round", dying)
+    with pytest.raises(Crash):
+        _train(tmp_path / "cut", ["train.rounds=6"])
+    monkeypatch.setattr(Server, "train_round", original)
+    assert checkpoint.latest(tmp_path / "cut").name == "round_000004"
+    resumed, hist = _train(tmp_path / "cut", ["train.rounds=6"], resume=True)
+    _assert_same(_state(full), _state(resumed))
+    assert [h["client_loss"] for h in hist] == [h["client_loss"] for h in full_hist]
+
+
+def test_resume_can_extend_training_but_not_change_the_maths(tmp_path: Path) -> None:
+    _train(tmp_path / "r", ["train.rounds=2"])
+    longer, hist = _train(tmp_path / "r", ["train.rounds=4"], resume=True)
+    assert len(hist) == 4
+    straight, _ = _train(tmp_path / "s", ["train.rounds=4"])
+    _assert_same(_state(straight), _state(longer))
+    with pytest.raises(CheckpointError, match="split.t_zeta"):
+        _train(tmp_path / "r", ["train.rounds=4", "split.t_zeta=30"], resume=True)
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path: Path) -> None:
+    _train(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="already holds files"):
+        _train(tmp_path / "r")
+
+
+@pytest.mark.parametrize("t_zeta", ["0", "100"])
+def test_the_two_baselines_train_and_sample(tmp_path: Path, t_zeta: str) -> None:
+    exp, hist = _train(tmp_path / t_zeta, [f"split.t_zeta={t_zeta}", "train.rounds=2"])
+    if t_zeta == "0":
+        assert all(v is None for h in hist for v in h["client_loss"]) and hist[-1]["server_loss"] is not None
+    else:
+        assert hist[-1]["server_loss"] is None and all(v is not None for v in hist[-1]["client_loss"])
+        assert all(h["upload_bytes"] == [] for h in hist)
+    out = sample_clients(exp, {1: 2})
+    x = out["samples"][1]
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    _train(tmp_path / "r")
+    ck = checkpoint.latest(tmp_path / "r")
+    target = ck / "server" / "train_state.safetensors"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        _train(tmp_path / "r", resume=True)
