@@ -10,8 +10,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from PIL import Image
+
+from conftest import TINY
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -87,3 +87,8 @@ def test_cli_rejects_missing_and_malformed_config_files(tmp_path: Path) -> None:
     bad.write_text("[train\nrounds = 3\n")
     res = _cli("run", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "not valid TOML" in res.stderr
+
+
+def test_shipped_digits_config_is_the_default() -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert config.load(root / "configs" / "digits.toml") == config.load()

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 
 from collafuse import checkpoint, config
 from collafuse.engines import local
 from collafuse.errors import CheckpointError
 from collafuse.experiment import build, sample_clients
+from conftest import TINY
 
 
 def _train(run_dir: Path, overrides: list[str] = (), resume: bool = False):

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY
 
 from collafuse import config
 from collafuse.client import Upload
 from collafuse.data import ClientData
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
+from conftest import TINY
 
 
 def make(overrides: list[str] = ()) -> object:

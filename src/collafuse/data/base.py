@@ -78,7 +78,9 @@ def to_client(cid: int, part: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
                       torch.from_numpy(tex).float(), torch.from_numpy(te_y).long())
 
 
-def load_federated(name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = "") -> FederatedData:
+def load_federated(
+    name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = ""
+) -> FederatedData:
     """Load dataset ``name`` and partition it by class groups into clients."""
     if name == "digits":
         from .digits import load_digits_images
