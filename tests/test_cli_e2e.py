@@ -86,3 +86,11 @@ def test_sample_verb_writes_a_grid(run_dir: Path, tmp_path: Path) -> None:
 def test_rerun_into_the_same_folder_needs_resume(run_dir: Path, tmp_path: Path) -> None:
     res = _cli("run", "--out", str(run_dir), cwd=tmp_path)
     assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_label_agreement_is_reported(run_dir: Path) -> None:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    la = m["label_agreement"]
+    assert la["classifier_test_accuracy"] > 0.95  # the yardstick itself works on real digits
+    assert set(la["per_client"]) == {"0", "1", "2"} and all(0 <= v <= 1 for v in la["per_client"].values())
+    assert "Label agreement" in (run_dir / "report.md").read_text()

@@ -59,6 +59,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if rate is not None:
             print(f"{who} training: {rate:.0f} images/s")
     print(f"sampling: {sp['seconds_per_image'] * 1000:.1f} ms per image ({sp['sampler']})")
+    la = metrics.get("label_agreement")
+    if la:
+        print("label agreement: " + ", ".join(f"client {c} {v:.0%}" for c, v in la["per_client"].items())
+              + f" (classifier {la['classifier_test_accuracy']:.1%} on real held-out images)")
     print(f"done: {out}/report.md")
     return 0
 

@@ -119,6 +119,11 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     ]
     for i, loss in enumerate(tr["client"]["final_loss"]):
         lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s'])} | {_fmt(loss)} |")
+    la = metrics.get("label_agreement")
+    if la:
+        lines += ["", f"Label agreement (an SVM on pixels, {la['classifier_test_accuracy']:.1%} accurate on the "
+                  "held-out real images, asked which class each sample shows): "
+                  + ", ".join(f"client {c} {v:.0%}" for c, v in la["per_client"].items()) + "."]
     lines += [
         "",
         f"Sampling ({sp['sampler']}): {sp['server_evals_per_image']} server and {sp['client_evals_per_image']} "

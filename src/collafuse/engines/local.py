@@ -15,6 +15,7 @@ from ..config import Config
 from ..errors import CheckpointError
 from ..experiment import Experiment, build, sample_clients
 from ..files import write_text_atomic
+from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
 from ..split import describe_cut
 
@@ -131,6 +132,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     if history:
         plot_losses(history, run_dir / "plots" / "loss.png")
     n_total = n * len(exp.clients)
+    quality = label_agreement(exp, out["samples"])
     client_secs = sum(out["client_seconds"].values())
     upload_bytes = [b for h in history for b in h["upload_bytes"]]
     metrics = {
@@ -143,6 +145,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
                    "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
                    "bytes_total": sum(upload_bytes)},
         "rejected_uploads": sum(h["rejected"] for h in history),
+        "label_agreement": quality,
         "sampling": {
             "sampler": exp.cfg.sample.sampler, "steps": exp.cfg.sample.steps, "images": n_total,
             "server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
@@ -155,6 +158,15 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_report(run_dir, metrics)
     return metrics
+
+
+def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] | None:
+    """Per client, the share of its samples an independent classifier gives the requested label."""
+    if not exp.cfg.model.conditional or not LabelClassifier.applicable(exp.data):
+        return None
+    clf = LabelClassifier(exp.data)
+    per = {str(c.cid): clf.agreement(samples[c.cid], c.sample_labels(len(samples[c.cid]))) for c in exp.clients}
+    return {"classifier_test_accuracy": clf.test_accuracy, "per_client": per}
 
 
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:

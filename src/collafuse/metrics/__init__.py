@@ -1,0 +1,5 @@
+"""Evaluation of samples (more metrics come with the evaluation issue)."""
+
+from .agreement import LabelClassifier
+
+__all__ = ["LabelClassifier"]
