@@ -122,5 +122,6 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
         handover[cid] = part
         bar.update(client_steps)
     bar.close()
-    return {"handover": handover, "samples": finished, "server_seconds": server_seconds,
+    return {"handover": handover, "samples": finished, "labels": dict(zip(counts, labels, strict=True)),
+            "server_seconds": server_seconds,
             "client_seconds": client_seconds, "server_steps": server_steps, "client_steps": client_steps}

@@ -118,7 +118,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         f"| server | {_fmt(tr['server']['images_per_s'])} | {_fmt(tr['server']['final_loss'])} |",
     ]
     for i, loss in enumerate(tr["client"]["final_loss"]):
-        lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s'])} | {_fmt(loss)} |")
+        lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s_per_client'][i])} | {_fmt(loss)} |")
     la = metrics.get("label_agreement")
     if la:
         lines += ["", f"Label agreement (an SVM on pixels, {la['classifier_test_accuracy']:.1%} accurate on the "

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import checkpoint
 from .. import config as config_mod
 from ..config import Config
@@ -114,6 +116,13 @@ def _rate(history: list[dict[str, Any]], who: str) -> dict[str, Any]:
         secs = sum(sum(h["client_seconds"]) for h in history)
         n = sum(sum(h["client_samples"]) for h in history)
         final = history[-1]["client_loss"] if history else []
+        per = []
+        for i in range(len(final)):
+            s_i = sum(h["client_seconds"][i] for h in history)
+            n_i = sum(h["client_samples"][i] for h in history)
+            per.append(n_i / s_i if s_i > 0 else None)
+        return {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final,
+                "images_per_s_per_client": per}
     return {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final}
 
 
@@ -125,7 +134,9 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     n = exp.cfg.sample.n_per_client
     out = sample_clients(exp, {c.cid: n for c in exp.clients}, progress=progress)
     for cid, x in out["samples"].items():
-        save_grid(x, run_dir / "samples" / f"client_{cid}.png")
+        labels = out["labels"][cid]
+        order = torch.arange(len(x)) if labels is None else labels.argsort(stable=True)
+        save_grid(x[order], run_dir / "samples" / f"client_{cid}.png")  # rows grouped by class
     signal, noise = exp.split.signal_noise_at_cut()
     save_handover(out["handover"], out["samples"], run_dir / "samples" / "handover.png",
                   scale=max(1.0, signal + noise))
