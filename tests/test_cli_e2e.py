@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import TINY
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+from conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     sets = [a for o in TINY for a in ("--set", o)]
-    res = _cli("run", *sets, "--out", str(tmp / "run"), "--quiet", cwd=tmp)
+    res = run_cli("run", *sets, "--out", str(tmp / "run"), "--quiet", cwd=tmp)
     assert res.returncode == 0, res.stderr
     assert "t_zeta = 20 of T = 100" in res.stdout and "images/s" in res.stdout
     return tmp / "run"
@@ -76,15 +67,15 @@ def test_grids_are_enlarged_images(run_dir: Path) -> None:
 
 def test_sample_verb_writes_a_grid(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
-    res = _cli("sample", str(run_dir), "--client", "1", "-n", "9", "--out", str(out), "--quiet", cwd=tmp_path)
+    res = run_cli("sample", str(run_dir), "--client", "1", "-n", "9", "--out", str(out), "--quiet", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert Image.open(out).size == (3 * 66 + 2, 3 * 66 + 2)
-    res = _cli("sample", str(run_dir), "--client", "7", cwd=tmp_path)
+    res = run_cli("sample", str(run_dir), "--client", "7", cwd=tmp_path)
     assert res.returncode == 2 and "--client 7 does not exist" in res.stderr
 
 
 def test_rerun_into_the_same_folder_needs_resume(run_dir: Path, tmp_path: Path) -> None:
-    res = _cli("run", "--out", str(run_dir), cwd=tmp_path)
+    res = run_cli("run", "--out", str(run_dir), cwd=tmp_path)
     assert res.returncode == 2 and "--resume" in res.stderr
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from collafuse import config
 from collafuse.errors import ConfigError
+from conftest import run_cli
 
 
 def test_defaults_are_the_documented_experiment() -> None:
@@ -64,15 +62,9 @@ def test_bad_values_raise_one_line_naming_the_key(override: str, words: str) -> 
     assert "\n" not in msg
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
-
-
 @pytest.mark.parametrize("override", ["split.t_zeta=-5", "split.t_zeta=2.0", "train.nope=1", "train.rounds=x"])
 def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path) -> None:
-    res = _cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    res = run_cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("collafuse: error: ")
@@ -81,11 +73,11 @@ def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path) -
 
 
 def test_cli_rejects_missing_and_malformed_config_files(tmp_path: Path) -> None:
-    res = _cli("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    res = run_cli("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert res.returncode == 2 and "does not exist" in res.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nrounds = 3\n")
-    res = _cli("run", str(bad), cwd=tmp_path)
+    res = run_cli("run", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "not valid TOML" in res.stderr
 
 

@@ -78,53 +78,36 @@ class Split:
         a = float(self.schedule.abar[self.t_zeta])
         return a**0.5, (1 - a) ** 0.5
 
-    def server_sample(
-        self,
-        eps_fn: EpsFn,
-        x_T: Tensor,
-        sampler: str = "ddpm",
-        steps: int = 1000,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> Tensor:
+    def server_sample(self, eps_fn: EpsFn, x_T: Tensor, sampler: str = "ddpm", steps: int = 1000, eta: float = 0.0,
+                      generator: torch.Generator | None = None,
+                      progress: Callable[[int], None] | None = None) -> Tensor:
         """Denoise x_T ~ N(0, I) down to the handover x_{t_zeta}. ``eps_fn`` is the tail epsilon."""
         chain = self.server_chain
-        if chain.steps == 0:
-            return x_T
-        if sampler == "ddpm":
-            return ddpm_loop(chain, eps_fn, x_T, generator=generator, progress=progress)
-        if sampler == "ddim":
-            ts, _ = split_ddim_timesteps(self.T, self.t_zeta, steps)
 
-            def eps_full(x: Tensor, t: Tensor) -> Tensor:
-                return chain.eps_to_full(eps_fn(x, t), t)
+        def eps_full(x: Tensor, t: Tensor) -> Tensor:
+            return chain.eps_to_full(eps_fn(x, t), t)
 
-            return ddim_loop(self.schedule, eps_full, x_T, ts, eta=eta, generator=generator, progress=progress)
-        raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+        return self._sample(0, chain, eps_fn, eps_full, x_T, sampler, steps, eta, generator, None, progress)
 
-    def client_sample(
-        self,
-        eps_fn: EpsFn,
-        x_t_zeta: Tensor,
-        sampler: str = "ddpm",
-        steps: int = 1000,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        clip: float | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> Tensor:
+    def client_sample(self, eps_fn: EpsFn, x_t_zeta: Tensor, sampler: str = "ddpm", steps: int = 1000,
+                      eta: float = 0.0, generator: torch.Generator | None = None, clip: float | None = None,
+                      progress: Callable[[int], None] | None = None) -> Tensor:
         """Finish the handover x_{t_zeta} down to x_0 with the client's denoiser."""
-        chain = self.client_chain
+        return self._sample(1, self.client_chain, eps_fn, eps_fn, x_t_zeta, sampler, steps, eta, generator, clip,
+                            progress)
+
+    def _sample(self, side: int, chain: Chain, eps_fn: EpsFn, eps_full: EpsFn, x: Tensor, sampler: str, steps: int,
+                eta: float, generator: torch.Generator | None, clip: float | None,
+                progress: Callable[[int], None] | None) -> Tensor:
+        """DDPM in the chain's own coordinates; DDIM in the full chain's, on this side's timesteps."""
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
         if chain.steps == 0:
-            return x_t_zeta
+            return x
         if sampler == "ddpm":
-            return ddpm_loop(chain, eps_fn, x_t_zeta, generator=generator, clip=clip, progress=progress)
-        if sampler == "ddim":
-            _, ts = split_ddim_timesteps(self.T, self.t_zeta, steps)
-            return ddim_loop(self.schedule, eps_fn, x_t_zeta, ts, eta=eta, generator=generator, clip=clip,
-                             progress=progress)
-        raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
+            return ddpm_loop(chain, eps_fn, x, generator=generator, clip=clip, progress=progress)
+        ts = split_ddim_timesteps(self.T, self.t_zeta, steps)[side]
+        return ddim_loop(self.schedule, eps_full, x, ts, eta=eta, generator=generator, clip=clip, progress=progress)
 
     def sample_steps(self, sampler: str, steps: int) -> tuple[int, int]:
         """How many network evaluations the server and the client make per image."""
