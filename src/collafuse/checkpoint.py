@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .experiment import Experiment
+from .faults import kill_point
 from .files import write_text_atomic
 
 
@@ -35,6 +36,14 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete checkpoints a crash left half-written (temporary folders); call only when resuming."""
+    stale = list(checkpoints_dir(run_dir).glob(".round_*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save(run_dir: Path, exp: Experiment, round_: int, history: list[dict[str, Any]], keep: int = 2) -> Path:
     """Write the state after ``round_`` completed rounds; keep the newest ``keep`` checkpoints."""
     from safetensors.torch import save_file
@@ -44,8 +53,10 @@ def save(run_dir: Path, exp: Experiment, round_: int, history: list[dict[str, An
     name = f"round_{round_:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ck))
     try:
-        for key, trainer in exp.trainers.items():
+        for i, (key, trainer) in enumerate(exp.trainers.items()):
             trainer.save(tmp / key)
+            if i == 0:
+                kill_point("checkpoint")
         save_file({f"client_{c.cid}.upload": c.upload_generator.get_state() for c in exp.clients},
                   str(tmp / "streams.safetensors"))
         state = {"round": round_, "history": history, "t_zeta": exp.split.t_zeta, "T": exp.split.T}

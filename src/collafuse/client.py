@@ -85,7 +85,7 @@ class Client:
             idx = torch.randint(0, len(self.data.train_x), (self.batch_size,), generator=self.trainer.generator)
             y = self.data.train_y[idx] if self.conditional else None
             losses.append(self.trainer.step(self.split.client_chain, self.data.train_x[idx], y,
-                                            where=f"at client {self.cid} in round {round_}"))
+                                            where=f"in round {round_}"))
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
                 "samples": steps * self.batch_size}
 

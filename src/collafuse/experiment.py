@@ -14,6 +14,8 @@ from torch import Tensor
 from .client import UPLOAD_POLICIES, Client
 from .config import Config
 from .data import FederatedData, load_federated
+from .errors import DataError
+from .faults import kill_point
 from .models import Denoiser, build_unet
 from .schedule import NoiseSchedule
 from .server import Server
@@ -61,6 +63,10 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
         torch.set_num_threads(cfg.engine.threads)
     if data is None:
         data = load_federated(cfg.data.name, cfg.data.clients, cfg.data.test_fraction, cfg.data.seed, cfg.data.root)
+    for c in data.clients:
+        if len(c.train_x) < cfg.train.batch_size:
+            raise DataError(f"client {c.cid} has {len(c.train_x)} training images, fewer than train.batch_size = "
+                            f"{cfg.train.batch_size}: lower train.batch_size or give the client more data")
     schedule = NoiseSchedule.from_name(cfg.split.schedule, cfg.split.T, cfg.split.beta_start, cfg.split.beta_end)
     split = Split(schedule, cfg.split.t_zeta)
     tr = cfg.train
@@ -106,6 +112,7 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
     x_cut = exp.server.handover(n_total, y, sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=s.guidance,
                                 generator=g)
     bar.update(server_steps)
+    kill_point("sample")
     server_seconds = time.perf_counter() - start
     handover: dict[int, Tensor] = {}
     finished: dict[int, Tensor] = {}

@@ -107,7 +107,7 @@ class Server:
             for i in range(0, len(x), self.batch_size):
                 idx = order[i:i + self.batch_size]
                 losses.append(self.trainer.step(self.split.server_chain, x[idx], None if y is None else y[idx],
-                                                where=f"at the server in round {round_}"))
+                                                where=f"in round {round_}"))
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
                 "samples": self.epochs * len(x)}
 

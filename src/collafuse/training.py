@@ -110,13 +110,20 @@ class Trainer:
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not match this model ({str(exc).splitlines()[0]}); "
                                   f"was model.* changed?") from exc
+        params = list(self.model.parameters())
         state: dict[int, dict[str, Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v
-        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        self.generator.set_state(tensors["rng"])
-        self.steps = int(meta["steps"])
+        try:
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, idx, key = k.split(".", 2)
+                    if key != "step" and v.shape != params[int(idx)].shape:
+                        raise ValueError(f"optimiser state {k} has shape {tuple(v.shape)}")
+                    state.setdefault(int(idx), {})[key] = v
+            self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+            self.generator.set_state(tensors["rng"])
+            self.steps = int(meta["steps"])
+        except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{path} is damaged or from another model ({exc}); "
+                                  f"resume from an earlier checkpoint") from exc
         if self.ema is not None:
             self.ema.load_weights(folder)

@@ -16,6 +16,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import CheckpointError
 from ..experiment import Experiment, build, sample_clients
+from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
@@ -59,6 +60,8 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
     tr = exp.cfg.train
     start_round, history = 0, []
     if resume:
+        for stale in checkpoint.remove_partial(run_dir):
+            log.warning("removed %s, a checkpoint left half-written by a crash", stale.name)
         ck = checkpoint.latest(run_dir)
         if ck is not None:
             start_round, history = checkpoint.load(ck, exp)
@@ -72,6 +75,7 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             up = c.make_upload(r)
             if up is not None:
                 uploads.append(up)
+        kill_point("round")
         accepted = exp.server.accept(uploads)
         server_metrics = exp.server.train_round(accepted, r)
         history.append({
@@ -183,9 +187,9 @@ def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] 
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and sample one experiment into ``run_dir``; returns the metrics."""
     run_dir = Path(run_dir)
+    exp = build(cfg)  # data and config problems surface before anything is written
     prepare_run_dir(run_dir, cfg, resume)
     log.info(describe_cut(cfg.split.t_zeta, cfg.split.T))
-    exp = build(cfg)
     start = time.perf_counter()
     history = train(exp, run_dir, resume=resume, progress=progress)
     return finish_run(exp, run_dir, history, time.perf_counter() - start, progress=progress)

@@ -1,0 +1,217 @@
+"""Crashes, hostile uploads, damaged checkpoints and user mistakes (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from collafuse import checkpoint, config
+from collafuse.engines import local
+from collafuse.errors import CheckpointError, UploadRejected
+from collafuse.experiment import build
+from collafuse.training import NonFiniteLoss
+from conftest import TINY, run_cli
+
+SETS = [a for o in TINY for a in ("--set", o)]
+
+
+def _run(out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if kill_at:
+        env["COLLAFUSE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "collafuse.cli", "run", *SETS, "--out", str(out), "--quiet",
+                           *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run_dir / "models").glob("*/diffusion_pytorch_model.safetensors")):
+        out.update({f"{f.parent.name}.{k}": v for k, v in load_file(str(f)).items()})
+    ck = checkpoint.latest(run_dir)
+    for f in sorted(ck.glob("*/train_state.safetensors")):
+        out.update({f"{f.parent.name}.train.{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = _run(out)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("kill_at", ["round:3", "checkpoint:2", "sample:1"])
+def test_sigkill_then_resume_gives_the_uninterrupted_result(kill_at: str, uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = _run(out, kill_at=kill_at)
+    assert res.returncode == -signal.SIGKILL
+    if kill_at.startswith("checkpoint"):
+        assert list((out / "checkpoints").glob(".round_*")), "the kill should leave a partial checkpoint"
+        assert checkpoint.latest(out).name == "round_000002"  # the complete one is still named
+    res = _run(out, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert not list((out / "checkpoints").glob(".round_*"))
+    ref, got = _final_state(uninterrupted), _final_state(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    for png in ["client_0.png", "client_2.png", "handover.png"]:
+        assert (out / "samples" / png).read_bytes() == (uninterrupted / "samples" / png).read_bytes()
+    h_ref = json.loads((uninterrupted / "metrics.json").read_text())["history"]
+    h_got = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["client_loss"] for h in h_ref] == [h["client_loss"] for h in h_got]
+
+
+def test_non_finite_loss_names_the_model_and_round_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    cfg = config.load(None, TINY)
+    local.prepare_run_dir(tmp_path / "r", cfg, False)
+    exp = build(cfg)
+    original = exp.clients[1].train_round
+
+    def poisoned(steps, round_=0):
+        if round_ == 3:
+            exp.clients[1].data.train_x.fill_(float("inf"))
+        return original(steps, round_)
+
+    monkeypatch.setattr(exp.clients[1], "train_round", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"client 1 loss became nan in round 3"):
+        local.train(exp, tmp_path / "r", progress=False)
+    ck = checkpoint.latest(tmp_path / "r")
+    assert ck.name == "round_000002"
+    fresh = build(cfg)
+    assert checkpoint.load(ck, fresh)[0] == 2  # the last good checkpoint loads
+
+
+def _server():
+    exp = build(config.load(None, TINY))
+    good = exp.clients[0].make_upload(0)
+    return exp, good
+
+
+_EXP, _GOOD = _server()
+_BEFORE = [p.detach().clone() for p in _EXP.server.trainer.model.parameters()]
+
+shapes = st.lists(st.integers(0, 12), min_size=0, max_size=5).map(tuple)
+dtypes = st.sampled_from([torch.float16, torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool,
+                          torch.bfloat16, torch.complex64])
+specials = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e6, -50.0])
+
+
+@st.composite
+def malformed_uploads(draw) -> object:
+    """An upload wrong in at least one way the protocol forbids."""
+    kind = draw(st.sampled_from(["shape", "dtype", "special", "labels", "client", "cut", "count", "type"]))
+    x, y = _GOOD.x_t_zeta.clone(), _GOOD.labels.clone()
+    up = dataclasses.replace(_GOOD, x_t_zeta=x, labels=y)
+    if kind == "shape":
+        shape = draw(shapes.filter(lambda s: len(s) != 4 or s[1:] != (1, 8, 8) or s[0] == 0))
+        return dataclasses.replace(up, x_t_zeta=torch.zeros(shape), labels=torch.zeros(shape[:1], dtype=torch.long))
+    if kind == "dtype":
+        dt = draw(dtypes.filter(lambda d: d not in (torch.float16, torch.float32)))
+        return dataclasses.replace(up, x_t_zeta=x.to(dt))
+    if kind == "special":
+        i = draw(st.integers(0, x.numel() - 1))
+        x.view(-1)[i] = draw(specials)
+        return up
+    if kind == "labels":
+        bad = draw(st.sampled_from(["range", "dtype", "length", "none", "negative"]))
+        labels = {"range": y + 10, "dtype": y.float(), "length": y[: draw(st.integers(0, len(y) - 1))],
+                  "none": None, "negative": y - 20}[bad]
+        return dataclasses.replace(up, labels=labels)
+    if kind == "client":
+        return dataclasses.replace(up, client_id=draw(st.integers().filter(lambda c: c not in (0, 1, 2))))
+    if kind == "cut":
+        return dataclasses.replace(up, t_zeta=draw(st.integers().filter(lambda t: t != 20)))
+    if kind == "count":
+        n = draw(st.integers(9, 40))
+        return dataclasses.replace(up, x_t_zeta=x[:1].repeat(n, 1, 1, 1), labels=y[:1].repeat(n))
+    return draw(st.sampled_from([None, 3, "x", x, {"x_t_zeta": x}, x.numpy()]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(malformed_uploads())
+def test_random_malformed_uploads_never_crash_or_touch_the_server(upload: object) -> None:
+    with pytest.raises(UploadRejected):
+        _EXP.server.validate(upload)
+    accepted = _EXP.server.accept([upload])
+    assert accepted == []
+    _EXP.server.train_round(accepted)
+    for a, b in zip(_BEFORE, _EXP.server.trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _finished(tmp_path: Path) -> Path:
+    cfg = config.load(None, TINY)
+    local.prepare_run_dir(tmp_path / "r", cfg, False)
+    local.train(build(cfg), tmp_path / "r", progress=False)
+    return tmp_path / "r"
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "opt_shape", "state_cut", "state_json", "missing_state"])
+def test_damaged_checkpoint_is_a_clear_error(damage: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    run_dir = _finished(tmp_path)
+    ck = checkpoint.latest(run_dir)
+    if damage == "truncate_weights":
+        f = ck / "client_0" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "opt_shape":
+        f = ck / "server" / "train_state.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as h:
+            meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+        key = next(k for k in tensors if k.endswith("exp_avg"))
+        tensors[key] = torch.zeros(3)
+        save_file(tensors, str(f), metadata=meta)
+    elif damage == "state_cut":
+        (ck / "state.json").write_text('{"round": 4, "hist')
+    elif damage == "state_json":
+        state = json.loads((ck / "state.json").read_text())
+        state["t_zeta"] = 99
+        (ck / "state.json").write_text(json.dumps(state))
+    else:
+        (ck / "client_2" / "train_state.safetensors").unlink()
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(ck, build(config.load(None, TINY)))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--set", "train.batch_size=5000"], "fewer than train.batch_size"),
+    (["--set", "data.clients=[[0, 1], []]"], "data.clients"),
+    (["--set", "data.clients=[[0, 1], [11]]"], "classes [11]"),
+    (["--set", "data.clients=[[0, 1], [1, 2]]"], "repeats classes [1]"),
+    (["--set", "split.beta_start=0.5", "--set", "split.beta_end=0.1"], "split.beta_end"),
+])
+def test_user_errors_are_one_line_with_nothing_written(args: list[str], words: str, tmp_path: Path) -> None:
+    res = run_cli("run", *SETS, *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and words in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    res = run_cli("run", *SETS, "--out", str(blocker / "run"), cwd=tmp_path)
+    assert res.returncode == 2 and "cannot write the run folder" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    res = run_cli("--debug", "run", "--set", "split.t_zeta=-1", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr
