@@ -33,6 +33,8 @@ class DataSection:
     test_fraction: float = 0.2
     seed: int = 0
     root: str = ""
+    image_size: int = 0  # folder data: resize and centre-crop to this size (0 = keep)
+    channels: int = 0  # folder data: 1 gray, 3 RGB, 0 = decide from the images
 
 
 @dataclass
@@ -105,7 +107,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "split.schedule": (lambda v, c: v in ("linear", "cosine"), "'linear' or 'cosine'"),
     "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
     "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
-    "data.name": (lambda v, c: v in ("digits",), "'digits'"),
+    "data.name": (lambda v, c: v in ("digits", "folder"), "'digits' or 'folder'"),
+    "data.image_size": (lambda v, c: v >= 0, "an integer >= 0 (0 = the images' own size)"),
+    "data.channels": (lambda v, c: v in (0, 1, 3), "0 (decide), 1 (gray) or 3 (RGB)"),
     "data.test_fraction": (lambda v, c: 0 < v < 1, "in (0, 1)"),
     "data.clients": (lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
                      "a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]"),

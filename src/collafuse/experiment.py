@@ -62,7 +62,8 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if data is None:
-        data = load_federated(cfg.data.name, cfg.data.clients, cfg.data.test_fraction, cfg.data.seed, cfg.data.root)
+        d = cfg.data
+        data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels)
     for c in data.clients:
         if len(c.train_x) < cfg.train.batch_size:
             raise DataError(f"client {c.cid} has {len(c.train_x)} training images, fewer than train.batch_size = "

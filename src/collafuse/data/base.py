@@ -79,15 +79,22 @@ def to_client(cid: int, part: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def load_federated(
-    name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = ""
+    name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = "", image_size: int = 0,
+    channels: int = 0,
 ) -> FederatedData:
     """Load dataset ``name`` and partition it by class groups into clients."""
     if name == "digits":
         from .digits import load_digits_images
 
+        if image_size not in (0, 8) or channels not in (0, 1):
+            raise DataError("data.image_size and data.channels apply to folder data: the digits are 8x8 grayscale")
         x, y = load_digits_images()
+    elif name == "folder":
+        from .folder import load_folder_images
+
+        x, y, _ = load_folder_images(root, image_size, channels)
     else:
-        raise DataError(f"data.name = {name!r} is unknown: use 'digits'")
+        raise DataError(f"data.name = {name!r} is unknown: use 'digits' or 'folder'")
     parts = split_by_class(x, y, clients, test_fraction, seed)
     fed = [to_client(i, p) for i, p in enumerate(parts)]
     for c in fed:
