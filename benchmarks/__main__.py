@@ -1,0 +1,270 @@
+"""collafuse benchmarks, each side by side with its baseline in the same process.
+
+    python -m benchmarks [--quick] [--out FILE.json]
+
+1. training: images/s of our client and server steps against a plain diffusers loop (UNet2DModel,
+   DDPMScheduler.add_noise, MSE, AdamW) on the same model and batch; achieved GFLOP/s against the
+   float32 matrix-multiply rate of this machine measured in the same run;
+2. sampling: seconds per image of split DDPM sampling against the same 1000 steps done the plain
+   diffusers way (DDPMScheduler.step); DDIM with K steps against DDPM-1000;
+3. client cost: the client's sampling time per image at t_zeta against t_zeta = T;
+4. communication: bytes a client uploads per round (float32, float16) against FedAvg's exchange;
+5. peak memory (RSS) of a client and of the server, each measured in its own process.
+
+Timed loops alternate ours and the baseline (ABAB...) and report medians, so that drift of the
+machine hits both alike. Run nothing else heavy meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from collafuse import config
+from collafuse.experiment import build
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e9
+
+
+def bench_training(cfg: config.Config, reps: int) -> dict:
+    from diffusers import DDPMScheduler
+    from torch.utils.flop_counter import FlopCounterMode
+
+    exp = build(cfg)
+    client, server = exp.clients[0], exp.server
+    B = cfg.train.batch_size
+    x0 = client.data.train_x[:B]
+    y0 = client.data.train_y[:B]
+    # the baseline: diffusers' unconditional-training-example loop on a copy of the same UNet
+    unet = build(cfg).clients[0].trainer.model.net
+    sched = DDPMScheduler(num_train_timesteps=cfg.split.T)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
+    g = torch.Generator().manual_seed(0)
+
+    def plain_step() -> None:
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, cfg.split.T, (B,), generator=g)
+        pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y0).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    uploads = torch.cat([client.make_upload(0).x_t_zeta for _ in range(1)])[:B]
+
+    def client_step() -> None:
+        client.trainer.step(exp.split.client_chain, x0, y0)
+
+    def server_step() -> None:
+        server.trainer.step(exp.split.server_chain, uploads, y0)
+
+    for f in (plain_step, client_step, server_step):
+        f()
+    t_plain, t_client, t_server = [], [], []
+    for _ in range(reps):
+        t_plain.append(_median_time(plain_step, 1))
+        t_client.append(_median_time(client_step, 1))
+        t_server.append(_median_time(server_step, 1))
+    with FlopCounterMode(display=False) as counter:
+        client_step()
+    flops = counter.get_total_flops()
+    mm = matmul_gflops()
+    med = {k: statistics.median(v) for k, v in
+           {"plain": t_plain, "client": t_client, "server": t_server}.items()}
+    return {
+        "batch_size": B, "preset": cfg.model.preset,
+        "plain_diffusers_images_per_s": B / med["plain"],
+        "client_images_per_s": B / med["client"],
+        "server_images_per_s": B / med["server"],
+        "client_vs_plain": med["plain"] / med["client"],
+        "server_vs_plain": med["plain"] / med["server"],
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / med["client"] / 1e9,
+        "matmul_fp32_gflops": mm,
+        "achieved_over_matmul": flops / med["client"] / 1e9 / mm,
+    }
+
+
+def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
+    from diffusers import DDPMScheduler
+
+    exp = build(cfg)
+    client = exp.clients[0]
+    labels = client.sample_labels(n)
+    unet = exp.server.trainer.model.net.eval()
+    sched = DDPMScheduler(num_train_timesteps=cfg.split.T, clip_sample=True)
+    sched.set_timesteps(cfg.split.T)
+
+    def plain() -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 1, 8, 8, generator=g)
+        with torch.inference_mode():
+            for t in sched.timesteps:
+                eps = unet(x, t, class_labels=labels).sample
+                x = sched.step(eps, t, x, generator=g).prev_sample
+
+    def ours(sampler: str, steps: int):
+        def fn() -> None:
+            g = torch.Generator().manual_seed(0)
+            x = exp.server.handover(n, labels, sampler=sampler, steps=steps, generator=g)
+            client.finish(x, labels, sampler=sampler, steps=steps, generator=g)
+        return fn
+
+    t_plain, t_ours = [], []
+    for _ in range(2):
+        t_plain.append(_median_time(plain, 1))
+        t_ours.append(_median_time(ours("ddpm", cfg.split.T), 1))
+    out = {"images": n, "plain_diffusers_ddpm_s_per_image": statistics.median(t_plain) / n,
+           "split_ddpm_s_per_image": statistics.median(t_ours) / n}
+    out["split_vs_plain"] = out["plain_diffusers_ddpm_s_per_image"] / out["split_ddpm_s_per_image"]
+    for k in ddim_steps:
+        t = _median_time(ours("ddim", k), 2) / n
+        out[f"split_ddim{k}_s_per_image"] = t
+        out[f"ddim{k}_speedup_over_ddpm"] = out["split_ddpm_s_per_image"] / t
+    return out
+
+
+def bench_client_cost(cfg: config.Config, n: int, cuts: list[int]) -> dict:
+    T = cfg.split.T
+    x = torch.randn(n, 1, 8, 8)
+    jobs = {}
+    for t_zeta in cuts:
+        client = build(config.load(None, [f"split.T={T}", f"split.t_zeta={t_zeta}"])).clients[0]
+        labels = client.sample_labels(n)
+        jobs[t_zeta] = lambda client=client, labels=labels: client.finish(x, labels)
+        jobs[t_zeta]()  # warm-up
+    times: dict[int, list[float]] = {t: [] for t in cuts}
+    for _ in range(3):  # interleaved, so that drift hits every cut alike
+        for t_zeta, job in jobs.items():
+            times[t_zeta].append(_median_time(job, 1) / n)
+    base = statistics.median(times[T])
+    rows = [{"t_zeta": t, "client_s_per_image": statistics.median(v), "share_of_alone": statistics.median(v) / base,
+             "t_zeta_over_T": t / T} for t, v in sorted(times.items(), reverse=True)]
+    return {"rows": rows}
+
+
+def bench_communication(cfg: config.Config) -> dict:
+    exp32 = build(cfg)
+    exp16 = build(config.load(None, ["train.upload_dtype='float16'"]))
+    up32 = exp32.clients[0].make_upload(0).nbytes
+    up16 = exp16.clients[0].make_upload(0).nbytes
+    params = sum(p.numel() for p in exp32.server.trainer.model.parameters())
+    fedavg = params * 4 * 2  # FedAvg: a float32 model down and up per client and round
+    return {"upload_float32_bytes": up32, "upload_float16_bytes": up16, "fedavg_bytes_per_client_round": fedavg,
+            "model_parameters": params, "fedavg_over_float32_upload": fedavg / up32}
+
+
+_RSS_CHILD = r"""
+import resource, sys, torch
+torch.set_num_threads(1)
+from collafuse import config
+from collafuse.experiment import build
+role = sys.argv[1]
+exp = build(config.load(None, []))
+c = exp.clients[0]
+if role == "client":
+    exp.server.trainer = None  # drop the server model; the libraries dominate RSS anyway
+    for _ in range(3):
+        c.train_round(1)
+    c.finish(torch.randn(64, 1, 8, 8), c.sample_labels(64))
+else:
+    for cl in exp.clients:
+        cl.trainer = None
+    ups = [cl.make_upload(0) for cl in exp.clients]
+    for _ in range(3):
+        exp.server.train_round(exp.server.accept(ups))
+    exp.server.handover(192, torch.cat([cl.sample_labels(64) for cl in exp.clients]), sampler="ddim", steps=20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def bench_memory() -> dict:
+    out = {}
+    for role in ("client", "server"):
+        res = subprocess.run([sys.executable, "-c", _RSS_CHILD, role], capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-2000:])
+        out[f"{role}_peak_rss_mib"] = float(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (about 2 minutes)")
+    p.add_argument("--out", default="runs/benchmarks.json", help="JSON results (default runs/benchmarks.json)")
+    args = p.parse_args(argv)
+    cfg = config.load(None, [])
+    reps = 5 if args.quick else 20
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    steps = [("training", lambda: bench_training(cfg, reps)),
+             ("sampling", lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100])),
+             ("client_cost", lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50])),
+             ("communication", lambda: bench_communication(cfg)),
+             ("memory", bench_memory)]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        results[name] = fn()
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    print(render(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def render(r: dict) -> str:
+    tr, sp, cc, cm, mem = r["training"], r["sampling"], r["client_cost"], r["communication"], r["memory"]
+    lines = [
+        "| measurement | collafuse | baseline | ratio |", "|---|---|---|---|",
+        f"| client training, images/s (batch {tr['batch_size']}) | {tr['client_images_per_s']:.0f} | "
+        f"{tr['plain_diffusers_images_per_s']:.0f} (plain diffusers loop) | {tr['client_vs_plain']:.2f}x |",
+        f"| server training, images/s | {tr['server_images_per_s']:.0f} | "
+        f"{tr['plain_diffusers_images_per_s']:.0f} (plain diffusers loop) | {tr['server_vs_plain']:.2f}x |",
+        f"| achieved GFLOP/s in a client step | {tr['achieved_gflops']:.1f} | {tr['matmul_fp32_gflops']:.1f} "
+        f"(fp32 1024^2 matmul) | {tr['achieved_over_matmul']:.2f} |",
+        f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} (split) | "
+        f"{sp['plain_diffusers_ddpm_s_per_image']:.4f} (DDPMScheduler.step loop) | {sp['split_vs_plain']:.2f}x |",
+    ]
+    for k, v in sp.items():
+        if k.endswith("_speedup_over_ddpm"):
+            steps = k[len("ddim"):-len("_speedup_over_ddpm")]
+            lines.append(f"| DDIM-{steps} sampling, s/image | {sp[f'split_ddim{steps}_s_per_image']:.4f} | "
+                         f"{sp['split_ddpm_s_per_image']:.4f} (split DDPM-1000) | {v:.1f}x faster |")
+    for row in cc["rows"]:
+        lines.append(f"| client sampling cost at t_zeta = {row['t_zeta']}, s/image | {row['client_s_per_image']:.4f}"
+                     f" | t_zeta/T = {row['t_zeta_over_T']:.2f} of the lone client's | {row['share_of_alone']:.3f} |")
+    lines += [
+        f"| upload per client and round, bytes | {cm['upload_float32_bytes']} (float32), "
+        f"{cm['upload_float16_bytes']} (float16) | {cm['fedavg_bytes_per_client_round']} (FedAvg, "
+        f"{cm['model_parameters']} parameters down and up) | {cm['fedavg_over_float32_upload']:.0f}x less |",
+        f"| peak RSS, MiB | client {mem['client_peak_rss_mib']:.0f}, server {mem['server_peak_rss_mib']:.0f} | | |",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
