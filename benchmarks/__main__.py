@@ -107,6 +107,45 @@ def bench_training(cfg: config.Config, reps: int) -> dict:
     }
 
 
+def bench_candidates(cfg: config.Config, reps: int) -> dict:
+    """Training-step time of speed-up candidates against the float32 step, same model and batch."""
+    import copy
+
+    net = build(cfg).clients[0].trainer.model.net
+    B = cfg.train.batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 1, 8, 8, generator=g)
+    t = torch.randint(1, cfg.split.T, (B,), generator=g)
+    y = torch.randint(0, 10, (B,), generator=g)
+
+    def make(variant: str):
+        m = copy.deepcopy(net)
+        xx = x
+        if variant == "channels_last":
+            m = m.to(memory_format=torch.channels_last)
+            xx = x.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_autocast"):
+                loss = F.mse_loss(m(xx, t, class_labels=y).sample.float(), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    fns = {v: make(v) for v in ("float32", "bf16_autocast", "channels_last")}
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    for f in fns.values():
+        f()
+    for _ in range(reps):
+        for v, f in fns.items():
+            times[v].append(_median_time(f, 1))
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {v: {"ms_per_step": 1000 * m, "speedup_over_float32": med["float32"] / m} for v, m in med.items()}
+
+
 def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
     from diffusers import DDPMScheduler
 
@@ -220,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}}
     steps = [("training", lambda: bench_training(cfg, reps)),
+             ("candidates", lambda: bench_candidates(cfg, reps)),
              ("sampling", lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100])),
              ("client_cost", lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50])),
              ("communication", lambda: bench_communication(cfg)),
@@ -238,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(r: dict) -> str:
     tr, sp, cc, cm, mem = r["training"], r["sampling"], r["client_cost"], r["communication"], r["memory"]
+    cand = r["candidates"]
     lines = [
         "| measurement | collafuse | baseline | ratio |", "|---|---|---|---|",
         f"| client training, images/s (batch {tr['batch_size']}) | {tr['client_images_per_s']:.0f} | "
@@ -246,6 +287,8 @@ def render(r: dict) -> str:
         f"{tr['plain_diffusers_images_per_s']:.0f} (plain diffusers loop) | {tr['server_vs_plain']:.2f}x |",
         f"| achieved GFLOP/s in a client step | {tr['achieved_gflops']:.1f} | {tr['matmul_fp32_gflops']:.1f} "
         f"(fp32 1024^2 matmul) | {tr['achieved_over_matmul']:.2f} |",
+        *[f"| training step with {v}, ms | {c['ms_per_step']:.1f} | {cand['float32']['ms_per_step']:.1f} (float32) "
+          f"| {c['speedup_over_float32']:.2f}x |" for v, c in cand.items() if v != "float32"],
         f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} (split) | "
         f"{sp['plain_diffusers_ddpm_s_per_image']:.4f} (DDPMScheduler.step loop) | {sp['split_vs_plain']:.2f}x |",
     ]

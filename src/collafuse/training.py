@@ -61,8 +61,7 @@ class Trainer:
             # warm-up so that early samples are not dominated by the random initialisation
             decay = min(self.ema_decay, (1 + self.steps) / (10 + self.steps))
             with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
         return value
 
     def eps_fn(self, y: Tensor | None, guidance: float = 1.0) -> EpsFn:
