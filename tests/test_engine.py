@@ -84,6 +84,8 @@ def test_resume_can_extend_training_but_not_change_the_maths(tmp_path: Path) -> 
     assert len(hist) == 4
     straight, _ = _train(tmp_path / "s", ["train.rounds=4"])
     _assert_same(_state(straight), _state(longer))
+    with pytest.raises(CheckpointError, match="past train.rounds = 3"):
+        _train(tmp_path / "r", ["train.rounds=3"], resume=True)
     with pytest.raises(CheckpointError, match="split.t_zeta"):
         _train(tmp_path / "r", ["train.rounds=4", "split.t_zeta=30"], resume=True)
 

@@ -65,6 +65,9 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
         ck = checkpoint.latest(run_dir)
         if ck is not None:
             start_round, history = checkpoint.load(ck, exp)
+            if start_round > tr.rounds:
+                raise CheckpointError(f"{ck.name} is past train.rounds = {tr.rounds}; set train.rounds to at least "
+                                      f"{start_round}")
             log.info("resumed from %s", ck)
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
