@@ -33,6 +33,9 @@ class DataSection:
     test_fraction: float = 0.2
     seed: int = 0
     root: str = ""
+    partition: str = "class"  # class (data.clients), dirichlet or iid
+    num_clients: int = 3  # for dirichlet and iid
+    alpha: float = 0.5  # Dirichlet concentration
     image_size: int = 0  # folder data: resize and centre-crop to this size (0 = keep)
     channels: int = 0  # folder data: 1 gray, 3 RGB, 0 = decide from the images
 
@@ -107,7 +110,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "split.schedule": (lambda v, c: v in ("linear", "cosine"), "'linear' or 'cosine'"),
     "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
     "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
-    "data.name": (lambda v, c: v in ("digits", "folder"), "'digits' or 'folder'"),
+    "data.name": (lambda v, c: v in ("digits", "cifar10", "folder"), "'digits', 'cifar10' or 'folder'"),
+    "data.partition": (lambda v, c: v in ("class", "dirichlet", "iid"), "'class', 'dirichlet' or 'iid'"),
+    "data.num_clients": (lambda v, c: v >= 1, "an integer >= 1"),
+    "data.alpha": (lambda v, c: v > 0, "> 0"),
     "data.image_size": (lambda v, c: v >= 0, "an integer >= 0 (0 = the images' own size)"),
     "data.channels": (lambda v, c: v in (0, 1, 3), "0 (decide), 1 (gray) or 3 (RGB)"),
     "data.test_fraction": (lambda v, c: 0 < v < 1, "in (0, 1)"),

@@ -63,7 +63,8 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
         torch.set_num_threads(cfg.engine.threads)
     if data is None:
         d = cfg.data
-        data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels)
+        data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels,
+                              d.partition, d.num_clients, d.alpha)
     for c in data.clients:
         if len(c.train_x) < cfg.train.batch_size:
             raise DataError(f"client {c.cid} has {len(c.train_x)} training images, fewer than train.batch_size = "

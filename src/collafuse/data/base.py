@@ -41,14 +41,11 @@ class FederatedData:
                 for c in self.clients]
 
 
-def split_by_class(
-    x: np.ndarray, y: np.ndarray, groups: list[list[int]], test_fraction: float, seed: int
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Give client i every image whose class is in groups[i], split per class into train/test."""
+def partition_by_class(y: np.ndarray, groups: list[list[int]]) -> list[np.ndarray]:
+    """Client i gets every image whose class is in groups[i]."""
     known = set(np.unique(y).tolist())
     seen: set[int] = set()
-    rng = np.random.RandomState(seed)
-    parts = []
+    pools = []
     for i, group in enumerate(groups):
         if not group:
             raise DataError(f"data.clients[{i}] is empty: give each client at least one class")
@@ -60,29 +57,50 @@ def split_by_class(
         if dup:
             raise DataError(f"data.clients[{i}] repeats classes {dup} already given to another client")
         seen |= set(group)
-        tr, te = [], []
-        for c in group:
-            idx = np.flatnonzero(y == c)
-            idx = idx[rng.permutation(len(idx))]
-            n_test = int(round(len(idx) * test_fraction))
-            te.append(idx[:n_test])
-            tr.append(idx[n_test:])
-        tr_i, te_i = np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
-        parts.append((x[tr_i], y[tr_i], x[te_i], y[te_i]))
-    return parts
+        pools.append(np.flatnonzero(np.isin(y, group)))
+    return pools
 
 
-def to_client(cid: int, part: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> ClientData:
-    trx, tr_y, tex, te_y = part
-    return ClientData(cid, torch.from_numpy(trx).float(), torch.from_numpy(tr_y).long(),
-                      torch.from_numpy(tex).float(), torch.from_numpy(te_y).long())
+def partition_iid(n: int, num_clients: int, rng: np.random.RandomState) -> list[np.ndarray]:
+    """A uniformly random split into ``num_clients`` parts of (almost) equal size."""
+    return [np.sort(p) for p in np.array_split(rng.permutation(n), num_clients)]
+
+
+def partition_dirichlet(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.RandomState,
+                        min_size: int = 2, tries: int = 100) -> list[np.ndarray]:
+    """Each class is shared among clients in proportions drawn from Dirichlet(alpha)."""
+    for _ in range(tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients))[:-1] * len(idx)).astype(int)
+            for k, piece in enumerate(np.split(idx, cuts)):
+                parts[k].append(piece)
+        pools = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(p) for p in pools) >= min_size:
+            return pools
+    raise DataError(f"data.alpha = {alpha} leaves some of {num_clients} clients (almost) empty in {tries} draws: "
+                    f"raise data.alpha or lower data.num_clients")
+
+
+def train_test(pool: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.RandomState
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's pool per class into train and held-out test indices."""
+    tr, te = [], []
+    for c in np.unique(y[pool]):
+        idx = pool[y[pool] == c]
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(len(idx) * test_fraction))
+        te.append(idx[:n_test])
+        tr.append(idx[n_test:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
 
 
 def load_federated(
     name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = "", image_size: int = 0,
-    channels: int = 0,
+    channels: int = 0, partition: str = "class", num_clients: int = 3, alpha: float = 0.5,
 ) -> FederatedData:
-    """Load dataset ``name`` and partition it by class groups into clients."""
+    """Load dataset ``name`` and partition it into clients (by class groups, Dirichlet(alpha) or IID)."""
     if name == "digits":
         from .digits import load_digits_images
 
@@ -93,10 +111,28 @@ def load_federated(
         from .folder import load_folder_images
 
         x, y, _ = load_folder_images(root, image_size, channels)
+    elif name == "cifar10":
+        from .cifar10 import load_cifar10_images
+
+        if channels not in (0, 3):
+            raise DataError("data.channels must be 0 or 3 for CIFAR-10 (RGB)")
+        x, y = load_cifar10_images(root, image_size)
     else:
-        raise DataError(f"data.name = {name!r} is unknown: use 'digits' or 'folder'")
-    parts = split_by_class(x, y, clients, test_fraction, seed)
-    fed = [to_client(i, p) for i, p in enumerate(parts)]
+        raise DataError(f"data.name = {name!r} is unknown: use 'digits', 'cifar10' or 'folder'")
+    rng = np.random.RandomState(seed)
+    if partition == "class":
+        pools = partition_by_class(y, clients)
+    elif partition == "iid":
+        pools = partition_iid(len(y), num_clients, rng)
+    elif partition == "dirichlet":
+        pools = partition_dirichlet(y, num_clients, alpha, rng)
+    else:
+        raise DataError(f"data.partition = {partition!r} is unknown: use 'class', 'dirichlet' or 'iid'")
+    fed = []
+    for i, pool in enumerate(pools):
+        tr, te = train_test(pool, y, test_fraction, rng)
+        fed.append(ClientData(i, torch.from_numpy(x[tr]).float(), torch.from_numpy(y[tr]).long(),
+                              torch.from_numpy(x[te]).float(), torch.from_numpy(y[te]).long()))
     for c in fed:
         if len(c.train_x) == 0:
             raise DataError(f"client {c.cid} has no training images: lower data.test_fraction or give it more classes")
