@@ -95,8 +95,6 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
         if done % tr.checkpoint_every == 0 or done == tr.rounds:
             checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
     bar.close()
-    if start_round >= tr.rounds and checkpoint.latest(run_dir) is None:
-        checkpoint.save(run_dir, exp, tr.rounds, history, keep=tr.keep_checkpoints)
     return history
 
 
