@@ -71,11 +71,6 @@ class NoiseSchedule:
         a = _gather(self.abar, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
-    def snr(self, t: int) -> float:
-        """Signal-to-noise ratio abar_t / (1 - abar_t) of x_t."""
-        a = float(self.abar[t])
-        return math.inf if a >= 1.0 else a / (1.0 - a)
-
     def chain(self, start: int, end: int | None = None) -> Chain:
         """The DDPM on steps start+1..end whose data is x_start (see :class:`Chain`)."""
         return Chain(self, start, self.T if end is None else end)
