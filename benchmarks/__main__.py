@@ -6,7 +6,9 @@
    DDPMScheduler.add_noise, MSE, AdamW) on the same model and batch; achieved GFLOP/s against the
    float32 matrix-multiply rate of this machine measured in the same run;
 2. sampling: seconds per image of split DDPM sampling against the same 1000 steps done the plain
-   diffusers way (DDPMScheduler.step); DDIM with K steps against DDPM-1000;
+   diffusers way (DDPMScheduler.step); DDIM with K steps against DDPM-1000; and the quality of
+   both: domain FID of DDIM-K and of DDPM-1000 (two seeds, for the run-to-run spread) from one
+   model trained here with the default config;
 3. client cost: the client's sampling time per image at t_zeta against t_zeta = T;
 4. communication: bytes a client uploads per round (float32, float16) against FedAvg's exchange;
 5. peak memory (RSS) of a client and of the server, each measured in its own process.
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -185,6 +188,46 @@ def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
     return out
 
 
+def bench_sampler_quality(cfg: config.Config, rounds: int, n: int, ddim_steps: list[int]) -> dict:
+    """Train the default experiment briefly, then domain FID (pooled) of each sampler on the same model."""
+    import dataclasses
+    import tempfile
+
+    from collafuse.engines.local import train
+    from collafuse.experiment import sample_clients
+    from collafuse.metrics.distances import kid
+    from collafuse.metrics.evaluate import compare, extractors
+
+    cfg = config.load(None, [f"train.rounds={rounds}", "eval.inception='off'"])
+    exp = build(cfg)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        train(exp, Path(tmp), progress=False)
+    train_s = time.perf_counter() - t0
+    domain = extractors(exp)["domain_fid"]
+    real = [domain.cached(c.data.test_x) for c in exp.clients]
+
+    def score(sampler: str, steps: int, seed: int) -> dict:
+        settings = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
+        start = time.perf_counter()
+        out = sample_clients(exp, {c.cid: n for c in exp.clients}, seed=seed, settings=settings)
+        secs = time.perf_counter() - start
+        fake = [domain(out["samples"][c.cid]) for c in exp.clients]
+        r, f = np.concatenate(real), np.concatenate(fake)
+        res = compare(r, f)
+        return {"domain_fid": res["frechet"], "kid": kid(r, f, subsets=50)[0], "seconds": secs}
+
+    rows = {"ddpm1000_seed_a": score("ddpm", cfg.split.T, 1), "ddpm1000_seed_b": score("ddpm", cfg.split.T, 2)}
+    for k in ddim_steps:
+        rows[f"ddim{k}"] = score("ddim", k, 1)
+    a, b = rows["ddpm1000_seed_a"]["domain_fid"], rows["ddpm1000_seed_b"]["domain_fid"]
+    ref = (a + b) / 2
+    for row in rows.values():
+        row["vs_ddpm"] = row["domain_fid"] / ref
+    return {"rounds": rounds, "train_seconds": train_s, "images_per_client": n, "rows": rows,
+            "ddpm_seed_spread": abs(a - b) / ref, "classifier_test_accuracy": domain.test_accuracy}
+
+
 def bench_client_cost(cfg: config.Config, n: int, cuts: list[int]) -> dict:
     T = cfg.split.T
     x = torch.randn(n, 1, 8, 8)
@@ -261,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("training", lambda: bench_training(cfg, reps)),
              ("candidates", lambda: bench_candidates(cfg, reps)),
              ("sampling", lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100])),
+             ("sampler_quality", lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
+                                                               32 if args.quick else 100, [25, 50, 100])),
              ("client_cost", lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50])),
              ("communication", lambda: bench_communication(cfg)),
              ("memory", bench_memory)]
@@ -297,6 +342,13 @@ def render(r: dict) -> str:
             steps = k[len("ddim"):-len("_speedup_over_ddpm")]
             lines.append(f"| DDIM-{steps} sampling, s/image | {sp[f'split_ddim{steps}_s_per_image']:.4f} | "
                          f"{sp['split_ddpm_s_per_image']:.4f} (split DDPM-1000) | {v:.1f}x faster |")
+    sq = r["sampler_quality"]
+    for key, row in sq["rows"].items():
+        name = "DDPM-1000" if key.startswith("ddpm") else f"DDIM-{key[4:]}"
+        seed = f", seed {key[-1]}" if key.startswith("ddpm") else ""
+        lines.append(f"| domain FID, {name}{seed} ({sq['images_per_client']} images/client, model after "
+                     f"{sq['rounds']} rounds) | {row['domain_fid']:.3f} | mean of the two DDPM-1000 seeds | "
+                     f"{row['vs_ddpm']:.2f} |")
     for row in cc["rows"]:
         lines.append(f"| client sampling cost at t_zeta = {row['t_zeta']}, s/image | {row['client_s_per_image']:.4f}"
                      f" | t_zeta/T = {row['t_zeta_over_T']:.2f} of the lone client's | {row['share_of_alone']:.3f} |")

@@ -29,3 +29,9 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory) -> None:
+    """Feature and classifier caches go to a temporary folder, never the user's cache."""
+    os.environ["COLLAFUSE_CACHE"] = str(tmp_path_factory.mktemp("cache"))

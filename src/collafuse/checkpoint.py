@@ -9,6 +9,7 @@ crash leaves either the old checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from .experiment import Experiment
 from .faults import kill_point
 from .files import write_text_atomic
 
+log = logging.getLogger(__name__)
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -57,8 +59,9 @@ def save(run_dir: Path, exp: Experiment, round_: int, history: list[dict[str, An
             trainer.save(tmp / key)
             if i == 0:
                 kill_point("checkpoint")
-        save_file({f"client_{c.cid}.upload": c.upload_generator.get_state() for c in exp.clients},
-                  str(tmp / "streams.safetensors"))
+        streams = {f"client_{c.cid}.upload": c.upload_generator.get_state() for c in exp.clients}
+        streams.update({f"client_{c.cid}.sent": c.sent for c in exp.clients})
+        save_file(streams, str(tmp / "streams.safetensors"))
         state = {"round": round_, "history": history, "t_zeta": exp.split.t_zeta, "T": exp.split.T}
         (tmp / "state.json").write_text(json.dumps(state))
         final = ck / name
@@ -93,4 +96,10 @@ def load(path: Path, exp: Experiment) -> tuple[int, list[dict[str, Any]]]:
         raise CheckpointError(f"{path / 'streams.safetensors'} is missing or corrupt ({exc})") from exc
     for c in exp.clients:
         c.upload_generator.set_state(streams[f"client_{c.cid}.upload"])
+        sent = streams.get(f"client_{c.cid}.sent")
+        if sent is None or sent.shape != c.sent.shape:
+            log.warning("%s has no upload counts for client %d (an older checkpoint): its privacy accounting "
+                        "counts only the uploads from here on", path.name, c.cid)
+        else:
+            c.sent = sent.clone()
     return int(state["round"]), list(state["history"])

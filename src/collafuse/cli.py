@@ -1,4 +1,4 @@
-"""The ``collafuse`` command: run, sample."""
+"""The ``collafuse`` command: run, sample, eval, sweep, report."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import CollafuseError
+from .study import DEFAULT_CUTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
     s.add_argument("--out", help="output PNG (default: RUN_DIR/samples/sample_client_C.png)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="quality, disclosure and memorisation metrics of a finished run")
+    e.add_argument("run_dir", help="a run folder written by 'collafuse run'")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="override an [eval] key, e.g. --set eval.n_per_client=256 --set eval.inception=off")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    w = sub.add_parser("sweep", help="train and evaluate every cut point (and FedAvg) over several seeds")
+    w.add_argument("config", nargs="?", help="TOML config (default: the embedded digits experiment)")
+    w.add_argument("--cuts", default=None,
+                   help="comma-separated t_zeta values (integers, or fractions of T such as 0.2); "
+                        f"default {','.join(str(c) for c in DEFAULT_CUTS)}")
+    w.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    w.add_argument("--no-fedavg", dest="fedavg", action="store_false", help="leave out the FedAvg baseline")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key for every run of the sweep")
+    w.add_argument("--workers", type=int, default=None,
+                   help="runs at once, one thread each (default: the number of CPU cores, at most 4)")
+    w.add_argument("--quick", action="store_true",
+                   help="a small sweep (cuts 0,100,200,T, 1 seed, 150 rounds, no Inception) to try things out")
+    w.add_argument("--out", help="sweep folder (default: runs/sweep-<config name>-<date>-<time>); "
+                                 "an existing sweep folder is continued")
+    w.add_argument("--report", dest="report_dir", help="where to write report.md and plots (default: the sweep folder)")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rp = sub.add_parser("report", help="plots and a Markdown report of a sweep folder")
+    rp.add_argument("sweep_dir", help="a folder written by 'collafuse sweep'")
+    rp.add_argument("--out", help="where to write report.md and plots (default: the sweep folder)")
     return p
 
 
@@ -63,37 +92,78 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if la:
         print("label agreement: " + ", ".join(f"client {c} {v:.0%}" for c, v in la["per_client"].items())
               + f" (classifier {la['classifier_test_accuracy']:.1%} on real held-out images)")
+    pv = metrics.get("privacy")
+    if pv and pv["per_client"]:
+        first = next(iter(pv["per_client"].values()))
+        print(f"privacy (client 0, policy {pv['policy']}): {first['text']}")
     print(f"done: {out}/report.md")
     return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from . import checkpoint, config
-    from .errors import CheckpointError, ConfigError
-    from .experiment import build, sample_clients
+    from .errors import ConfigError
+    from .experiment import sample_clients
     from .report import save_grid
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").exists():
-        raise CheckpointError(f"{run_dir} is not a run folder (no config.toml)")
-    bad = [o for o in args.overrides if not o.strip().startswith("sample.")]
-    if bad:
-        raise ConfigError(f"--set {bad[0]!r}: only sample.* keys can change when sampling a finished run")
     if args.n < 1:
         raise ConfigError(f"-n {args.n}: give at least 1 image")
-    cfg = config.load(run_dir / "config.toml", args.overrides)
-    exp = build(cfg)
+    run_dir = Path(args.run_dir)
+    exp = _load_run(run_dir, args.overrides, "sample")
     ids = [c.cid for c in exp.clients]
     if args.client not in ids:
         raise ConfigError(f"--client {args.client} does not exist: this run has clients {ids}")
-    ck = checkpoint.latest(run_dir)
-    if ck is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; finish or resume the run first")
-    checkpoint.load(ck, exp)
     out = sample_clients(exp, {args.client: args.n}, seed=args.seed, progress=not args.quiet)
     path = Path(args.out) if args.out else run_dir / "samples" / f"sample_client_{args.client}.png"
     save_grid(out["samples"][args.client], path)
     print(f"wrote {path}")
+    return 0
+
+
+def _load_run(run_dir: Path, overrides: list[str], allowed: str):
+    from . import checkpoint, config
+    from .errors import CheckpointError, ConfigError
+    from .experiment import build
+
+    if not (run_dir / "config.toml").exists():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.toml)")
+    bad = [o for o in overrides if not o.strip().startswith(f"{allowed}.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: only {allowed}.* keys can change for a finished run")
+    cfg = config.load(run_dir / "config.toml", overrides)
+    exp = build(cfg)
+    ck = checkpoint.latest(run_dir)
+    if ck is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; finish or resume the run first")
+    checkpoint.load(ck, exp)
+    return exp
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .metrics.evaluate import evaluate, table
+
+    run_dir = Path(args.run_dir)
+    exp = _load_run(run_dir, args.overrides, "eval")
+    result = evaluate(exp, run_dir, progress=not args.quiet)
+    print(table(result))
+    print(f"wrote {run_dir / 'eval.json'}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from . import study
+
+    out = study.sweep(args.config, cuts=args.cuts, seeds=args.seeds, fedavg=args.fedavg, overrides=args.overrides,
+                      workers=args.workers, quick=args.quick, out=Path(args.out) if args.out else None,
+                      progress=not args.quiet)
+    report = study.report(out, Path(args.report_dir) if args.report_dir else None)
+    print(f"done: {report}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import study
+
+    print(f"wrote {study.report(Path(args.sweep_dir), Path(args.out) if args.out else None)}")
     return 0
 
 
@@ -102,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="collafuse: %(levelname)s: %(message)s")
     try:
-        return {"run": _cmd_run, "sample": _cmd_sample}[args.verb](args)
+        return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep,
+                "report": _cmd_report}[args.verb](args)
     except CollafuseError as exc:
         if args.debug:
             raise

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .data import ClientData
+from .privacy import Guarantee, guarantee
 from .split import Split
 from .training import Trainer
 
@@ -47,14 +48,61 @@ class FreshNoise:
 
     name = "fresh"
 
-    def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_{t_zeta}, labels, indices of the training images sent)."""
         idx = torch.randint(0, len(data.train_x), (n,), generator=generator)
         x0 = data.train_x[idx]
         eps = torch.randn(x0.shape, generator=generator)
-        return split.schedule.add_noise(x0, eps, split.t_zeta), data.train_y[idx]
+        return split.schedule.add_noise(x0, eps, split.t_zeta), data.train_y[idx], idx
+
+    def releases(self, sent: Tensor) -> int:
+        """Independent noisy copies of the most-exposed image the server has received."""
+        return int(sent.max()) if len(sent) else 0
 
 
-UPLOAD_POLICIES = {"fresh": FreshNoise}
+def clip_l2(x0: Tensor, clip_norm: float) -> Tensor:
+    """Scale each image down to L2 norm at most ``clip_norm`` (0: leave the images as they are)."""
+    if clip_norm <= 0:
+        return x0
+    norms = x0.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return x0 * (clip_norm / norms).clamp(max=1.0).view(-1, *([1] * (x0.dim() - 1)))
+
+
+class NoiseOnce:
+    """Each training image is clipped (L2, per image), noised to t_zeta exactly once, and only that
+    one x_{t_zeta} is ever uploaded for it, however many rounds there are.
+
+    Every image then passes through one Gaussian mechanism (sensitivity 2 sqrt(abar) C, noise
+    sqrt(1 - abar)); sending the same noisy copy again is post-processing and costs no privacy.
+    The copies are made from their own seed, so a resumed run uploads the very same ones.
+    """
+
+    name = "once"
+
+    def __init__(self, clip_norm: float = 0.0, seed: int = 0) -> None:
+        self.clip_norm = clip_norm
+        self.seed = seed
+        self._bank: Tensor | None = None
+
+    def bank(self, data: ClientData, split: Split) -> Tensor:
+        """The single x_{t_zeta} of every training image, in training-set order."""
+        if self._bank is None:
+            g = torch.Generator().manual_seed(self.seed)
+            x0 = clip_l2(data.train_x.float(), self.clip_norm)
+            self._bank = split.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), split.t_zeta)
+        return self._bank
+
+    def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.randint(0, len(data.train_x), (n,), generator=generator)
+        return self.bank(data, split)[idx], data.train_y[idx], idx
+
+    def releases(self, sent: Tensor) -> int:
+        return int(sent.max() > 0) if len(sent) else 0  # repeats of one copy are post-processing
+
+
+UPLOAD_POLICIES = {"fresh": FreshNoise, "once": NoiseOnce}
 
 
 class Client:
@@ -62,7 +110,7 @@ class Client:
 
     def __init__(self, data: ClientData, split: Split, trainer: Trainer | None, *, batch_size: int,
                  upload_size: int, upload_dtype: str = "float32", conditional: bool = True,
-                 policy: FreshNoise | None = None, seed: int = 0) -> None:
+                 policy: FreshNoise | NoiseOnce | None = None, seed: int = 0) -> None:
         self.data = data
         self.cid = data.cid
         self.split = split
@@ -74,6 +122,8 @@ class Client:
         self.policy = policy or FreshNoise()
         # the stream for uploads is separate from training's so that both are reproducible alone
         self.upload_generator = torch.Generator().manual_seed(seed)
+        # how often each training image has been uploaded: the privacy accounting needs it
+        self.sent = torch.zeros(len(data.train_x), dtype=torch.int64)
 
     def train_round(self, steps: int, round_: int = 0) -> dict[str, float]:
         """``steps`` local optimiser steps on private data; returns loss, seconds, samples."""
@@ -93,9 +143,18 @@ class Client:
         """x_{t_zeta} of a fresh batch (and its labels); None when the server owns no step."""
         if not self.split.server_active:
             return None
-        x, y = self.policy.draw(self.data, self.upload_size, self.split, self.upload_generator)
+        x, y, idx = self.policy.draw(self.data, self.upload_size, self.split, self.upload_generator)
+        self.sent += torch.bincount(idx, minlength=len(self.sent))
         return Upload(self.cid, round_, self.split.t_zeta, x.to(self.upload_dtype).contiguous(),
                       y.clone() if self.conditional else None)
+
+    def privacy(self, delta: float) -> Guarantee:
+        """The (epsilon, delta) guarantee of everything this client has uploaded so far."""
+        clip = self.policy.clip_norm if getattr(self.policy, "clip_norm", 0) > 0 else \
+            float(self.data.train_x[0].numel()) ** 0.5  # pixels in [-1, 1]: the norm is at most sqrt(d)
+        abar = float(self.split.schedule.abar[self.split.t_zeta])
+        releases = self.policy.releases(self.sent) if self.split.server_active else 0
+        return guarantee(abar, clip, releases, delta)
 
     def sample_labels(self, n: int) -> Tensor | None:
         """Labels a client asks the server to condition on: its own classes, in turn."""

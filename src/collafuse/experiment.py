@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .aggregation import share_initial_weights
 from .client import UPLOAD_POLICIES, Client
 from .config import Config
 from .data import FederatedData, load_federated
@@ -25,7 +26,7 @@ from .training import Trainer
 
 def seed_for(cfg: Config, role: str, index: int = 0) -> int:
     """A distinct, reproducible seed per role (init, training, uploads, sampling) and client."""
-    offsets = {"init": 0, "train": 100, "upload": 200, "sample": 300}
+    offsets = {"init": 0, "train": 100, "upload": 200, "sample": 300, "once": 400}
     return cfg.run.seed * 1_000_003 + offsets[role] + index
 
 
@@ -57,6 +58,14 @@ def build_denoiser(cfg: Config, data: FederatedData, seed: int) -> Denoiser:
     return Denoiser(net, data.num_classes if cfg.model.conditional else None, cfg.model.cond_dropout)
 
 
+def make_policy(cfg: Config, cid: int) -> object:
+    """The configured upload policy of client ``cid``."""
+    tr = cfg.train
+    if tr.upload_policy == "once":
+        return UPLOAD_POLICIES["once"](tr.clip_norm, seed=seed_for(cfg, "once", cid))
+    return UPLOAD_POLICIES[tr.upload_policy]()
+
+
 def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     """Everything one run needs, freshly initialised and seeded from ``cfg.run.seed``."""
     if cfg.engine.threads:
@@ -85,22 +94,24 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     clients = [
         Client(d, split, trainer(f"client {d.cid}", d.cid + 1) if split.client_active else None,
                batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
-               conditional=cfg.model.conditional, policy=UPLOAD_POLICIES[tr.upload_policy](),
+               conditional=cfg.model.conditional, policy=make_policy(cfg, d.cid),
                seed=seed_for(cfg, "upload", d.cid))
         for d in data.clients
     ]
+    if tr.aggregation == "fedavg":
+        share_initial_weights(clients)
     return Experiment(cfg, data, split, server, clients)
 
 
 def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None = None,
-                   progress: bool = False) -> dict[str, object]:
+                   progress: bool = False, settings: object | None = None) -> dict[str, object]:
     """Split sampling for several clients: one batched server pass, then each client finishes.
 
     Returns the handover images x_{t_zeta}, the final samples, and the seconds each side took.
     """
     from tqdm.auto import tqdm
 
-    s = exp.cfg.sample
+    s = exp.cfg.sample if settings is None else settings  # a SampleSection
     base = seed_for(exp.cfg, "sample") if seed is None else seed
     clients = {c.cid: c for c in exp.clients}
     labels = [clients[cid].sample_labels(n) for cid, n in counts.items()]

@@ -91,6 +91,13 @@ def plot_losses(history: list[dict[str, Any]], path: Path, smooth: int = 20) -> 
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("training loss")
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -119,6 +126,10 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     ]
     for i, loss in enumerate(tr["client"]["final_loss"]):
         lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s_per_client'][i])} | {_fmt(loss)} |")
+    pv = metrics.get("privacy")
+    if pv:
+        lines += ["", f"Privacy against the server (upload policy `{pv['policy']}`): "
+                  + "; ".join(f"client {c}: {v['text']}" for c, v in pv["per_client"].items()) + "."]
     la = metrics.get("label_agreement")
     if la:
         lines += ["", f"Label agreement (an SVM on pixels, {la['classifier_test_accuracy']:.1%} accurate on the "

@@ -13,6 +13,7 @@ import torch
 
 from .. import checkpoint
 from .. import config as config_mod
+from ..aggregation import fedavg
 from ..config import Config
 from ..errors import CheckpointError
 from ..experiment import Experiment, build, sample_clients
@@ -35,7 +36,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         new = cfg.to_dict()
         # only the length of training and what happens after it may change on resume
         free = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                ("sample",), ("engine", "threads")}
+                ("sample",), ("eval",), ("engine", "threads")}
         for sec, values in new.items():
             for key, value in values.items():
                 if (sec,) in free or (sec, key) in free:
@@ -78,6 +79,9 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             up = c.make_upload(r)
             if up is not None:
                 uploads.append(up)
+        sent = [u.nbytes for u in uploads]
+        if tr.aggregation == "fedavg":
+            sent = fedavg(exp.clients)
         kill_point("round")
         accepted = exp.server.accept(uploads)
         server_metrics = exp.server.train_round(accepted, r)
@@ -88,7 +92,7 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
             "client_seconds": [m["seconds"] for m in client_metrics],
             "client_samples": [m["samples"] for m in client_metrics],
-            "upload_bytes": [u.nbytes for u in uploads], "rejected": len(uploads) - len(accepted),
+            "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
         })
         bar.set_postfix_str(_postfix(history[-1]), refresh=False)
         done = r + 1
@@ -161,6 +165,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
                    "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
                    "bytes_total": sum(upload_bytes)},
         "rejected_uploads": sum(h["rejected"] for h in history),
+        "privacy": privacy_summary(exp),
         "label_agreement": quality,
         "sampling": {
             "sampler": exp.cfg.sample.sampler, "steps": exp.cfg.sample.steps, "images": n_total,
@@ -174,6 +179,18 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_report(run_dir, metrics)
     return metrics
+
+
+def privacy_summary(exp: Experiment) -> dict[str, Any]:
+    """Each client's (epsilon, delta) against the server for what it has uploaded (docs/privacy.md)."""
+    tr = exp.cfg.train
+    per = {}
+    for c in exp.clients:
+        g = c.privacy(exp.cfg.eval.delta)
+        per[str(c.cid)] = {"epsilon": g.epsilon, "delta": g.delta, "releases": g.releases,
+                           "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm,
+                           "accountant": g.accountant, "vacuous": g.vacuous, "text": g.describe()}
+    return {"policy": tr.upload_policy, "clip_norm": tr.clip_norm, "per_client": per}
 
 
 def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Evaluation of samples (more metrics come with the evaluation issue)."""
+"""Evaluation: distances between feature sets, feature extractors, and ``collafuse eval``."""
 
 from .agreement import LabelClassifier
 

@@ -1,0 +1,111 @@
+"""Distances between sets of features: Frechet (FID, FCD), KID, and k-NN precision/recall.
+
+All take float64 numpy arrays of shape (n, d). Nothing here knows where the features came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CollafuseError
+
+# Below this many images per set the Frechet distance of high-dimensional features is dominated by
+# its small-sample bias (it is biased upwards, roughly by a term in d / n); KID is unbiased.
+FID_MIN_SAMPLES = 2048
+
+
+class MetricError(CollafuseError):
+    """A metric cannot be computed from what it was given."""
+
+
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of a feature set."""
+    f = _check(features, "features", min_rows=2)
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) of two Gaussians.
+
+    tr((S1 S2)^{1/2}) is computed as the sum of the square roots of the eigenvalues of the symmetric
+    matrix S1^{1/2} S2 S1^{1/2}, which has the same spectrum as S1 S2 and is stable for the
+    rank-deficient covariances of small sample sets.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise MetricError(f"feature statistics do not match: means {mu1.shape} and {mu2.shape}, "
+                          f"covariances {s1.shape} and {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def frechet_features(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet(*stats(a), *stats(b))
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel inception distance: unbiased MMD^2 with the cubic kernel (x.y/d + 1)^3.
+
+    Averaged over random subsets of equal size (at most the smaller set); returns (mean, std).
+    """
+    a, b = _check(a, "first set", 2), _check(b, "second set", 2)
+    if a.shape[1] != b.shape[1]:
+        raise MetricError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+    d = a.shape[1]
+    m = min(len(a), len(b), subset_size)
+    rng = np.random.default_rng(seed)
+    vals = np.empty(subsets)
+    for i in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        vals[i] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                   - 2 * kxy.mean())
+    return float(vals.mean()), float(vals.std())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) with k-NN manifolds.
+
+    Precision: share of generated features inside the real manifold (the union of balls reaching
+    each real feature's k-th nearest real neighbour). Recall: the same with the roles swapped.
+    """
+    real, fake = _check(real, "real set", k + 1), _check(fake, "generated set", k + 1)
+    return _coverage(real, fake, k), _coverage(fake, real, k)
+
+
+def _coverage(manifold: np.ndarray, probe: np.ndarray, k: int) -> float:
+    d_mm = _pairwise(manifold, manifold)
+    radii = np.sort(d_mm, axis=1)[:, k]  # column 0 is the point itself
+    d_pm = _pairwise(probe, manifold)
+    return float((d_pm <= radii[None, :]).any(axis=1).mean())
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(sq, 0, None))
+
+
+def nearest_distances(queries: np.ndarray, pool: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Euclidean distance from each query row to its nearest row of ``pool``."""
+    q, p = np.asarray(queries, np.float64), np.asarray(pool, np.float64)
+    return np.concatenate([_pairwise(q[i:i + chunk], p).min(axis=1) for i in range(0, len(q), chunk)])
+
+
+def _check(x: np.ndarray, what: str, min_rows: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise MetricError(f"the {what} must be a 2-D array of features, got shape {x.shape}")
+    if len(x) < min_rows:
+        raise MetricError(f"the {what} has {len(x)} feature rows; this metric needs at least {min_rows}")
+    if not np.isfinite(x).all():
+        raise MetricError(f"the {what} contains NaN or infinite features")
+    return x

@@ -1,0 +1,251 @@
+"""``collafuse eval``: quality of each client's samples, what the server could learn, memorisation.
+
+Quality, per client (its samples against its own held-out images) and pooled, for every feature
+extractor available: domain FID (always), FID (Inception, when its file is available), FCD (CLIP,
+when a local model folder is configured), each with KID and k-NN precision/recall beside it.
+
+Disclosure, on held-out images noised to t_zeta exactly as an upload would be:
+* the paper's measure: the distance (domain FID, FID) of those x_{t_zeta} to the real images;
+* the best reconstruction the server could make: the posterior mean E[x_0 | x_{t_zeta}] estimated
+  with the client's own denoiser, trained on the very same kind of images (an upper bound on what
+  an attacker's denoiser achieves), as PSNR and SSIM, beside a blind guess (the client's mean image);
+* the signal-to-noise ratio abar / (1 - abar) at the cut.
+
+Memorisation: distance from each sample to its nearest training image of that client, against
+the same distance for held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..experiment import Experiment, sample_clients, seed_for
+from ..files import write_text_atomic
+from .agreement import LabelClassifier
+from .distances import frechet_features, kid, nearest_distances, precision_recall
+from .features import ClipFeatures, DomainFeatures, Extractor, InceptionFeatures, resolve_inception
+
+SMALL_SAMPLE_FACTOR = 10  # a Frechet distance from fewer than 10 x dim images is biased and noisy
+
+
+def extractors(exp: Experiment) -> dict[str, Extractor]:
+    """The feature extractors this run's config makes available, by metric name."""
+    ev, data = exp.cfg.eval, exp.data
+    cat = torch.cat
+    out: dict[str, Extractor] = {
+        "domain_fid": DomainFeatures(cat([c.train_x for c in data.clients]), cat([c.train_y for c in data.clients]),
+                                     cat([c.test_x for c in data.clients]), cat([c.test_y for c in data.clients]),
+                                     data.num_classes)}
+    path = resolve_inception(ev.inception)
+    if path is not None:
+        out["fid"] = InceptionFeatures(path)
+    if ev.clip:
+        out["fcd"] = ClipFeatures(ev.clip)
+    return out
+
+
+def compare(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Frechet distance, KID, precision and recall of one generated set against one real set."""
+    n, d = min(len(real), len(fake)), real.shape[1]
+    kid_mean, kid_std = kid(real, fake, subsets=50, subset_size=1000, seed=seed)
+    precision, recall = precision_recall(real, fake, k=3)
+    return {"frechet": frechet_features(real, fake), "kid": kid_mean, "kid_std": kid_std,
+            "precision": precision, "recall": recall, "n_real": len(real), "n_fake": len(fake),
+            "small_sample": n < SMALL_SAMPLE_FACTOR * d}
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [-1, 1], on the [0, 1] scale."""
+    mse = (((a.float() - b.float()) / 2) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:
+    """Per-image SSIM (Wang et al., 2004) on the [0, 1] scale with a Gaussian window.
+
+    The window is 11 pixels wide, or the largest odd size that fits smaller images.
+    """
+    x, y = (a.double() + 1) / 2, (b.double() + 1) / 2
+    size = min(11, x.shape[-1] - (1 - x.shape[-1] % 2), x.shape[-2] - (1 - x.shape[-2] % 2))
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    win = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()
+
+    def blur(z: Tensor) -> Tensor:
+        return F.conv2d(z, win, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] | None:
+    """What the server receives about held-out images at this cut, measured. None if nothing is sent."""
+    split, ev = exp.split, exp.cfg.eval
+    if not split.server_active or ev.disclosure_images == 0:
+        return None
+    t = split.t_zeta
+    abar = float(split.schedule.abar[t])
+    per: dict[str, Any] = {}
+    uploads = []
+    for c in exp.clients:
+        x0 = c.data.test_x[:ev.disclosure_images]
+        y = c.data.test_y[:ev.disclosure_images]
+        g = torch.Generator().manual_seed(ev.seed + c.cid)
+        x_t = split.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).float()
+        if t == 0:
+            x0_hat = x_t.clone()  # the raw image itself crosses the wire
+        else:
+            eps = c.trainer.eps_fn(y if c.conditional else None)(x_t, torch.full((len(x_t),), t))
+            x0_hat = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+        blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(x0)
+        exact = math.inf if t == 0 else None
+        per[str(c.cid)] = {"images": len(x0), "psnr": exact or float(psnr(x0_hat, x0).mean()),
+                           "ssim": float(ssim(x0_hat, x0).mean()),
+                           "psnr_blind": float(psnr(blind, x0).mean()), "ssim_blind": float(ssim(blind, x0).mean())}
+        uploads.append(x_t)
+    x_up = torch.cat(uploads)
+    out: dict[str, Any] = {
+        "t_zeta": t, "snr": abar / (1 - abar) if abar < 1 else math.inf,
+        "snr_db": 10 * math.log10(abar / (1 - abar)) if 0 < abar < 1 else (math.inf if abar >= 1 else -math.inf),
+        "reconstruction": {"tool": "posterior mean E[x0 | x_t] from the client's own denoiser (upper bound)",
+                           "per_client": per,
+                           "psnr": float(np.mean([v["psnr"] for v in per.values()])),
+                           "ssim": float(np.mean([v["ssim"] for v in per.values()])),
+                           "psnr_blind": float(np.mean([v["psnr_blind"] for v in per.values()])),
+                           "ssim_blind": float(np.mean([v["ssim_blind"] for v in per.values()]))},
+        "upload_distance": {},
+    }
+    for name, ext in feats.items():
+        real_f = np.concatenate([ext.cached(c.data.test_x) for c in exp.clients])  # cached by the quality pass
+        up_f = ext.cached(x_up)
+        out["upload_distance"][name] = compare(real_f, up_f)
+    return out
+
+
+def memorisation(exp: Experiment, samples: dict[int, Tensor]) -> dict[str, Any]:
+    """Nearest-training-image distances of samples against those of held-out images (pixels, [-1, 1])."""
+    per = {}
+    for c in exp.clients:
+        train = c.data.train_x.flatten(1).numpy()
+        d_gen = nearest_distances(samples[c.cid].flatten(1).numpy(), train)
+        d_held = nearest_distances(c.data.test_x.flatten(1).numpy(), train)
+        p5 = float(np.percentile(d_held, 5))
+        per[str(c.cid)] = {"median_sample_to_train": float(np.median(d_gen)),
+                           "median_heldout_to_train": float(np.median(d_held)),
+                           "ratio": float(np.median(d_gen) / np.median(d_held)),
+                           "share_closer_than_heldout_p5": float((d_gen < p5).mean())}
+    return {"per_client": per, "ratio": float(np.mean([v["ratio"] for v in per.values()])),
+            "share_closer_than_heldout_p5": float(np.mean([v["share_closer_than_heldout_p5"]
+                                                           for v in per.values()]))}
+
+
+def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every metric of the module docstring for a trained experiment; written to RUN_DIR/eval.json."""
+    start = time.perf_counter()
+    ev = exp.cfg.eval
+    settings = dataclasses.replace(exp.cfg.sample, sampler=ev.sampler, steps=ev.steps)
+    out = sample_clients(exp, {c.cid: ev.n_per_client for c in exp.clients}, progress=progress,
+                         seed=seed_for(exp.cfg, "sample") + 7, settings=settings)
+    samples: dict[int, Tensor] = out["samples"]
+    sample_seconds = time.perf_counter() - start
+    feats = extractors(exp)
+    quality: dict[str, Any] = {}
+    for name, ext in feats.items():
+        per = {}
+        reals, fakes = [], []
+        for c in exp.clients:
+            r, f = ext.cached(c.data.test_x), ext(samples[c.cid])
+            per[str(c.cid)] = compare(r, f)
+            reals.append(r)
+            fakes.append(f)
+        quality[name] = {"extractor": ext.name, "per_client": per,
+                         "pooled": compare(np.concatenate(reals), np.concatenate(fakes))}
+        if name == "domain_fid":
+            quality[name]["classifier_test_accuracy"] = ext.test_accuracy
+    result: dict[str, Any] = {
+        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "aggregation": exp.cfg.train.aggregation,
+        "seed": exp.cfg.run.seed, "sampler": ev.sampler, "steps": ev.steps, "n_per_client": ev.n_per_client,
+        "quality": quality,
+        "missing": _missing(feats),
+        "disclosure": disclosure(exp, feats),
+        "memorisation": memorisation(exp, samples),
+        "sampling": {"server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
+                     "client_share_of_evals": out["client_steps"] / max(1, out["client_steps"] + out["server_steps"]),
+                     "server_seconds": out["server_seconds"], "client_seconds": sum(out["client_seconds"].values()),
+                     "seconds": sample_seconds},
+    }
+    if exp.cfg.model.conditional and LabelClassifier.applicable(exp.data):
+        clf = LabelClassifier(exp.data)
+        result["label_agreement"] = {
+            "classifier_test_accuracy": clf.test_accuracy,
+            "per_client": {str(c.cid): clf.agreement(samples[c.cid], out["labels"][c.cid]) for c in exp.clients}}
+    result["eval_seconds"] = time.perf_counter() - start
+    if run_dir is not None:
+        write_text_atomic(Path(run_dir) / "eval.json", json.dumps(result, indent=1))
+    return result
+
+
+def _missing(feats: dict[str, Extractor]) -> list[str]:
+    notes = []
+    if "fid" not in feats:
+        notes.append("FID skipped: no Inception file (pip install 'collafuse[fid]', or set eval.inception to a "
+                     "TorchScript file)")
+    if "fcd" not in feats:
+        notes.append("FCD skipped: set eval.clip to a local CLIP model folder")
+    return notes
+
+
+METRIC_LABELS = {"domain_fid": "domain FID", "fid": "FID", "fcd": "FCD"}
+
+
+def table(result: dict[str, Any]) -> str:
+    """A plain-text table of the quality, disclosure and memorisation figures."""
+    lines = []
+    clients = list(next(iter(result["quality"].values()))["per_client"])
+    head = f"{'':<10}" + "".join(f"{'client ' + c:>14}" for c in clients) + f"{'pooled':>14}"
+    lines.append(f"quality ({result['n_per_client']} samples per client, {result['sampler']}-{result['steps']})")
+    lines.append(head)
+    for name, q in result["quality"].items():
+        label = METRIC_LABELS.get(name, name)
+        rows = {label: "frechet", "  KID x1e3": "kid", "  precision": "precision", "  recall": "recall"}
+        for row, key in rows.items():
+            scale = 1e3 if key == "kid" else 1.0
+            vals = [q["per_client"][c][key] * scale for c in clients] + [q["pooled"][key] * scale]
+            lines.append(f"{row:<10}" + "".join(f"{v:>14.3f}" for v in vals))
+        if q["pooled"]["small_sample"]:
+            lines.append(f"  ({label}: fewer than {SMALL_SAMPLE_FACTOR} images per feature dimension, so the "
+                         f"Frechet distance is biased upwards; compare only at equal counts and read KID beside it)")
+    la = result.get("label_agreement")
+    if la:
+        vals = [la["per_client"][c] for c in clients]
+        lines.append(f"{'labels ok':<10}" + "".join(f"{v:>14.1%}" for v in vals))
+    for note in result["missing"]:
+        lines.append(note)
+    d = result["disclosure"]
+    if d is None:
+        lines.append("disclosure: nothing about the images is sent at this setting")
+    else:
+        r = d["reconstruction"]
+        lines.append(f"disclosure at t_zeta = {d['t_zeta']}: SNR {d['snr_db']:.1f} dB; best reconstruction PSNR "
+                     f"{r['psnr']:.2f} dB, SSIM {r['ssim']:.3f} (blind guess {r['psnr_blind']:.2f} dB, "
+                     f"{r['ssim_blind']:.3f}); domain FID of uploads to real "
+                     f"{d['upload_distance']['domain_fid']['frechet']:.2f}")
+    m = result["memorisation"]
+    lines.append(f"memorisation: median nearest-training distance of samples / of held-out images = {m['ratio']:.2f}; "
+                 f"{m['share_closer_than_heldout_p5']:.1%} of samples closer than 95% of held-out images")
+    return "\n".join(lines)

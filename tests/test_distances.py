@@ -1,0 +1,107 @@
+"""The distances against independent implementations and their defining properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from collafuse.metrics.distances import (
+    MetricError,
+    frechet,
+    frechet_features,
+    kid,
+    nearest_distances,
+    precision_recall,
+    stats,
+)
+from collafuse.metrics.evaluate import psnr, ssim
+
+
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook formula with scipy's matrix square root (as in the original TF-FID code)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@pytest.mark.parametrize("n,d", [(500, 8), (300, 32), (40, 64)])  # the last is rank-deficient: n < d
+def test_frechet_matches_scipy_sqrtm(n: int, d: int) -> None:
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    b = 0.5 + rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.7
+    ours, ref = frechet_features(a, b), _scipy_frechet(a, b)
+    assert ours == pytest.approx(ref, rel=1e-6, abs=1e-6)
+
+
+def test_frechet_of_gaussians_in_closed_form() -> None:
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert frechet(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(4 + 1)
+    mu, s = stats(np.random.default_rng(0).normal(size=(100, 5)))
+    assert frechet(mu, s, mu, s) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4)) + 0.3
+    # one subset of all rows: a permutation, so KID equals MMD^2 on the full sets, computed here by loops
+    k = lambda x, y: (x @ y / 4 + 1) ** 3  # noqa: E731
+    m = 30
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+    mean, std = kid(a, b, subsets=3, subset_size=30)
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, _ = kid(a, b, subsets=20, subset_size=200)
+    shifted, _ = kid(a, b + 1.0, subsets=20, subset_size=200)
+    assert abs(same) < 0.02 < shifted
+
+
+def test_precision_recall_of_equal_and_of_disjoint_sets() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(200, 5))
+    assert precision_recall(a, a.copy()) == (1.0, 1.0)
+    assert precision_recall(a, a + 100.0) == (0.0, 0.0)
+    # samples collapsed onto a few real points: full precision, poor recall
+    p, r = precision_recall(a, np.repeat(a[:5], 40, axis=0))
+    assert p == 1.0 and r < 0.3
+
+
+def test_nearest_distances_by_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    q, pool = rng.normal(size=(7, 3)), rng.normal(size=(600, 3))
+    brute = np.array([np.linalg.norm(pool - x, axis=1).min() for x in q])
+    np.testing.assert_allclose(nearest_distances(q, pool, chunk=3), brute, rtol=1e-9)
+
+
+def test_bad_features_are_refused_clearly() -> None:
+    with pytest.raises(MetricError, match="at least 2"):
+        stats(np.zeros((1, 3)))
+    with pytest.raises(MetricError, match="NaN"):
+        kid(np.full((5, 2), np.nan), np.zeros((5, 2)))
+    with pytest.raises(MetricError, match="do not match"):
+        frechet(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_psnr_and_ssim() -> None:
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    # an offset of 0.2 in [-1, 1] is 0.1 on the [0, 1] scale: MSE 0.01, 20 dB
+    assert psnr(x + 0.2, x) == pytest.approx(torch.full((4,), 20.0), abs=1e-4)
+    assert torch.allclose(ssim(x, x), torch.ones(4), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g)
+    assert (ssim(x + 0.6 * noise, x) < ssim(x + 0.2 * noise, x)).all()
+    # constant images have no variance: SSIM is the luminance term (2 m1 m2 + C1) / (m1^2 + m2^2 + C1)
+    a, b = torch.full((1, 1, 8, 8), -0.5), torch.full((1, 1, 8, 8), 0.5)  # 0.25 and 0.75 on [0, 1]
+    c1 = 0.01**2
+    assert float(ssim(a, b)) == pytest.approx((2 * 0.25 * 0.75 + c1) / (0.25**2 + 0.75**2 + c1), rel=1e-5)
+    big = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert (ssim(big, big.flip(-1)) < ssim(big, big * 0.9)).all()

@@ -1,0 +1,146 @@
+"""eval, sweep and report through the real command, and FedAvg, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from collafuse import config
+from collafuse.aggregation import fedavg
+from collafuse.errors import ConfigError
+from collafuse.experiment import build
+from conftest import TINY, run_cli
+
+SWEEP = TINY + ["eval.n_per_client=12", "eval.steps=5", "eval.disclosure_images=12", "eval.inception=off"]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    res = run_cli("sweep", "--cuts", "0,20,100", "--seeds", "2", "--workers", "2", *_sets(SWEEP),
+                  "--out", str(tmp / "s"), "--quiet", cwd=tmp, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return tmp / "s"
+
+
+def test_sweep_runs_every_setting_and_seed_with_one_budget(sweep_dir: Path) -> None:
+    settings = {"cut_0000", "cut_0020", "cut_0100", "fedavg"}
+    assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} >= settings
+    for s in settings:
+        for seed in (0, 1):
+            run = sweep_dir / s / f"seed_{seed}"
+            cfg = config.load(run / "config.toml")
+            assert cfg.run.seed == seed and cfg.train.rounds == 4 and cfg.train.batch_size == 8
+            assert cfg.split.t_zeta == (100 if s == "fedavg" else int(s[4:]))
+            assert cfg.train.aggregation == ("fedavg" if s == "fedavg" else "none")
+            ev = json.loads((run / "eval.json").read_text())
+            assert ev["t_zeta"] == cfg.split.t_zeta and "domain_fid" in ev["quality"]
+    # seeds differ, so their samples and metrics do
+    a = json.loads((sweep_dir / "cut_0020" / "seed_0" / "eval.json").read_text())
+    b = json.loads((sweep_dir / "cut_0020" / "seed_1" / "eval.json").read_text())
+    assert a["quality"]["domain_fid"]["pooled"]["frechet"] != b["quality"]["domain_fid"]["pooled"]["frechet"]
+
+
+def test_disclosure_grows_as_the_cut_moves_towards_the_data(sweep_dir: Path) -> None:
+    ev = {s: json.loads((sweep_dir / s / "seed_0" / "eval.json").read_text()) for s in ("cut_0000", "cut_0020")}
+    assert ev["cut_0000"]["disclosure"]["reconstruction"]["psnr"] == float("inf")  # x_0 itself is sent
+    d20 = ev["cut_0020"]["disclosure"]
+    assert d20["reconstruction"]["psnr"] > d20["reconstruction"]["psnr_blind"]
+    assert d20["snr_db"] > 0
+    alone = json.loads((sweep_dir / "cut_0100" / "seed_0" / "eval.json").read_text())
+    assert alone["disclosure"] is None  # t_zeta = T: nothing is sent
+    assert alone["sampling"]["client_share_of_evals"] == 1.0
+    assert ev["cut_0000"]["sampling"]["client_share_of_evals"] == 0.0
+
+
+def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path: Path) -> None:
+    text = (sweep_dir / "report.md").read_text()
+    for png in ("quality.png", "compute.png", "disclosure.png", "samples.png"):
+        assert (sweep_dir / "plots" / png).stat().st_size > 5000
+        assert f"plots/{png}" in text
+    assert "Claim 'a small cut beats both baselines'" in text and "FedAvg" in text
+    assert "FID skipped" in text  # the Inception file was turned off: said, not hidden
+    res = run_cli("report", str(sweep_dir), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "plots" / "quality.png").exists()
+
+
+def test_a_finished_sweep_is_not_redone(sweep_dir: Path) -> None:
+    marker = sweep_dir / "cut_0020" / "seed_0" / "eval.json"
+    before = marker.stat().st_mtime_ns
+    res = run_cli("sweep", "--cuts", "0,20,100", "--seeds", "2", "--workers", "1", *_sets(SWEEP),
+                  "--out", str(sweep_dir), "--quiet", cwd=sweep_dir.parent, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert marker.stat().st_mtime_ns == before
+    other = run_cli("sweep", "--cuts", "0,50", *_sets(SWEEP), "--out", str(sweep_dir), "--quiet",
+                    cwd=sweep_dir.parent)
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_eval_verb_prints_a_table_and_writes_eval_json(sweep_dir: Path) -> None:
+    run = sweep_dir / "cut_0020" / "seed_0"
+    res = run_cli("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=sweep_dir)
+    assert res.returncode == 0, res.stderr
+    assert "domain FID" in res.stdout and "disclosure at t_zeta = 20" in res.stdout
+    assert json.loads((run / "eval.json").read_text())["n_per_client"] == 8
+    bad = run_cli("eval", str(run), "--set", "train.rounds=9", cwd=sweep_dir)
+    assert bad.returncode == 2 and "only eval.* keys" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: Path) -> None:
+    from test_features import _tiny_clip
+
+    _tiny_clip(tmp_path / "clip")
+    run = sweep_dir / "cut_0100" / "seed_1"
+    res = run_cli("eval", str(run), "--set", f"eval.clip=\"{tmp_path / 'clip'}\"", "--set", "eval.n_per_client=8",
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "FCD" in res.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["quality"]["fcd"]["pooled"]["frechet"] > 0 and ev["quality"]["fcd"]["pooled"]["n_fake"] == 24
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sweep", "--cuts", "0,abc"], "not a number"),
+    (["sweep", "--cuts", "0,5000"], "out of range"),
+    (["sweep", "--seeds", "0"], "at least 1"),
+    (["report", "."], "not a sweep folder"),
+    (["eval", "."], "not a run folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing half-made
+
+
+def test_fedavg_averages_weights_by_data_size() -> None:
+    cfg = config.load(None, TINY + ["split.t_zeta=100", "train.aggregation=\"fedavg\""])
+    exp = build(cfg)
+    first = [c.trainer.model.state_dict() for c in exp.clients]
+    for c in exp.clients[1:]:  # one shared initialisation
+        assert all(torch.equal(first[0][k], c.trainer.model.state_dict()[k]) for k in first[0])
+    for c in exp.clients:
+        c.train_round(1)
+    before = [[p.detach().clone() for p in c.trainer.model.parameters()] for c in exp.clients]
+    sizes = torch.tensor([float(len(c.data.train_x)) for c in exp.clients])
+    sent = fedavg(exp.clients)
+    assert sent[0] == sum(p.numel() * 4 for p in exp.clients[0].trainer.model.parameters())
+    w = sizes / sizes.sum()
+    for i, p in enumerate(exp.clients[0].trainer.model.parameters()):
+        expected = sum(w[j] * before[j][i] for j in range(len(exp.clients)))
+        assert torch.allclose(p, expected, atol=1e-6)
+        for c in exp.clients[1:]:
+            assert torch.equal(list(c.trainer.model.parameters())[i], p)
+
+
+def test_fedavg_needs_client_models() -> None:
+    with pytest.raises(ConfigError, match="fedavg"):
+        config.load(None, TINY + ["split.t_zeta=0", "train.aggregation=\"fedavg\""])
