@@ -144,3 +144,10 @@ def test_fedavg_averages_weights_by_data_size() -> None:
 def test_fedavg_needs_client_models() -> None:
     with pytest.raises(ConfigError, match="fedavg"):
         config.load(None, TINY + ["split.t_zeta=0", "train.aggregation=\"fedavg\""])
+
+
+def test_the_default_sweep_is_the_committed_study() -> None:
+    from collafuse.study import STUDY_OVERRIDES
+
+    root = Path(__file__).resolve().parents[1]
+    assert config.load(None, STUDY_OVERRIDES).to_dict() == config.load(root / "configs" / "digits-study.toml").to_dict()

@@ -29,6 +29,8 @@ from .split import resolve_t_zeta
 DEFAULT_CUTS = (0, 25, 50, 100, 200, 300, 500, 750, 1000)
 QUICK_CUTS = (0.0, 0.1, 0.2, 1.0)  # fractions of T
 QUICK_OVERRIDES = ["train.rounds=150", "eval.inception=\"off\"", "eval.n_per_client=64"]
+# without a config the sweep uses the study's budget (configs/digits-study.toml): 3 seeds in about 80 minutes
+STUDY_OVERRIDES = ["train.rounds=300", "eval.n_per_client=100"]
 FEDAVG = "fedavg"
 
 
@@ -106,6 +108,8 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg
     from tqdm.auto import tqdm
 
     overrides = list(overrides)
+    if config is None:
+        overrides = STUDY_OVERRIDES + overrides
     if quick:
         overrides = QUICK_OVERRIDES + overrides
         seeds = 1 if seeds == 3 else seeds
