@@ -47,6 +47,7 @@ class FreshNoise:
     """
 
     name = "fresh"
+    clip_norm = 0.0  # no clipping: the accounting uses the images' own bound
 
     def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator
              ) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,8 +151,8 @@ class Client:
 
     def privacy(self, delta: float) -> Guarantee:
         """The (epsilon, delta) guarantee of everything this client has uploaded so far."""
-        clip = self.policy.clip_norm if getattr(self.policy, "clip_norm", 0) > 0 else \
-            float(self.data.train_x[0].numel()) ** 0.5  # pixels in [-1, 1]: the norm is at most sqrt(d)
+        # without clipping, pixels in [-1, 1] bound an image's norm by sqrt(d)
+        clip = self.policy.clip_norm or float(self.data.train_x[0].numel()) ** 0.5
         abar = float(self.split.schedule.abar[self.split.t_zeta])
         releases = self.policy.releases(self.sent) if self.split.server_active else 0
         return guarantee(abar, clip, releases, delta)

@@ -24,6 +24,7 @@ import numpy as np
 from . import config as config_mod
 from .errors import CollafuseError, ConfigError
 from .files import write_text_atomic
+from .metrics.distances import METRIC_LABELS
 from .split import resolve_t_zeta
 
 DEFAULT_CUTS = (0, 25, 50, 100, 200, 300, 500, 750, 1000)
@@ -291,8 +292,9 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
             ax.axhline(m, color="tab:red", ls="--", label="FedAvg")
             ax.axhspan(m - s, m + s, color="tab:red", alpha=0.1)
 
-    metrics = [k for k in ("domain_fid", "fid", "fcd") if k in cuts[0]]
-    titles = {"domain_fid": "domain FID (small classifier features)", "fid": "FID (Inception-v3)", "fcd": "FCD (CLIP)"}
+    metrics = [k for k in METRIC_LABELS if k in cuts[0]]
+    titles = {k: f"{METRIC_LABELS[k]} ({v})" for k, v in
+              {"domain_fid": "small classifier features", "fid": "Inception-v3", "fcd": "CLIP"}.items()}
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 4), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=False):
         m = np.array([r[metric][0] for r in cuts])
@@ -414,7 +416,7 @@ def verdict(rows: list[dict], metric: str = "domain_fid") -> list[str]:
     alone = next((r for r in cuts if r["t_zeta"] == T), None)
     fed = by.get(FEDAVG)
     mids = [r for r in cuts if 0 < r["t_zeta"] < T]
-    label = {"domain_fid": "domain FID", "fid": "FID", "fcd": "FCD"}[metric]
+    label = METRIC_LABELS[metric]
     lines = []
     if min(r[metric][2] for r in cuts) < 2:
         lines.append(f"- One seed only: there is no spread to judge the differences in {label} by; run --seeds 3 "
@@ -454,7 +456,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     rows = summarise(meta, runs)
     plots = _plots(rows, runs, out / "plots")
     cfg = meta["config"]
-    metrics = [k for k in ("domain_fid", "fid", "fcd") if k in rows[0]]
+    metrics = [k for k in METRIC_LABELS if k in rows[0]]
     n_expected = len(meta["cuts"]) + bool(meta["fedavg"])
     lines = [
         f"# Cut-point study: {cfg['data']['name']}", "",
@@ -467,7 +469,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
         f"{cfg['eval']['n_per_client']} samples per client ({cfg['eval']['sampler']}-{cfg['eval']['steps']}) against "
         f"each client's held-out images; pooled = all clients together. Values are mean ± sd over seeds.", "",
         "## Quality", "",
-        "| t_zeta | " + " | ".join({"domain_fid": "domain FID", "fid": "FID", "fcd": "FCD"}[m] for m in metrics)
+        "| t_zeta | " + " | ".join(METRIC_LABELS[m] for m in metrics)
         + " | KID x1e3 (domain) | precision | recall | label agreement |",
         "|---" * (len(metrics) + 5) + "|",
     ]

@@ -9,9 +9,8 @@ import numpy as np
 
 from ..errors import CollafuseError
 
-# Below this many images per set the Frechet distance of high-dimensional features is dominated by
-# its small-sample bias (it is biased upwards, roughly by a term in d / n); KID is unbiased.
-FID_MIN_SAMPLES = 2048
+# the Frechet distances by feature space, as tables and plots name them
+METRIC_LABELS = {"domain_fid": "domain FID", "fid": "FID", "fcd": "FCD"}
 
 
 class MetricError(CollafuseError):

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
 from .agreement import LabelClassifier
-from .distances import frechet_features, kid, nearest_distances, precision_recall
+from .distances import METRIC_LABELS, frechet_features, kid, nearest_distances, precision_recall
 from .features import ClipFeatures, DomainFeatures, Extractor, InceptionFeatures, resolve_inception
 
 SMALL_SAMPLE_FACTOR = 10  # a Frechet distance from fewer than 10 x dim images is biased and noisy
@@ -209,8 +209,6 @@ def _missing(feats: dict[str, Extractor]) -> list[str]:
         notes.append("FCD skipped: set eval.clip to a local CLIP model folder")
     return notes
 
-
-METRIC_LABELS = {"domain_fid": "domain FID", "fid": "FID", "fcd": "FCD"}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ Nothing is ever downloaded: a missing file is an error that says how to provide 
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib.util
 import io
@@ -90,15 +91,16 @@ def resize_tf(x: Tensor, size: int) -> Tensor:
     return torch.einsum("ih,nchw,jw->ncij", mh, x.float(), mw)
 
 
-class Extractor:
+class Extractor(abc.ABC):
     """Maps images in [-1, 1] to feature rows, in batches, without gradients."""
 
     name = "features"
     key = "features"  # part of cache file names: changes whenever the features would
     batch_size = 64
 
+    @abc.abstractmethod
     def _features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Features of one batch; each extractor defines its own."""
 
     def __call__(self, images: Tensor) -> np.ndarray:
         out = []
