@@ -106,3 +106,65 @@ def test_ddim_in_tail_coordinates_would_be_worse() -> None:
     full = ddim_loop(schedule, oracle(schedule, 0), x_T, server_ts)
     conv = split.server_sample(oracle(schedule, t_zeta), x_T, sampler="ddim", steps=50)
     torch.testing.assert_close(conv, full)
+
+
+# --- per-client cuts: one server serving two clients with different cuts (docs/privacy.md) ---------------------
+
+MU2 = -MU
+SIGMA2 = torch.diag(torch.tensor([0.3, 1.2, 0.5, 0.8], dtype=torch.float64))
+
+
+def labelled_oracle(schedule: NoiseSchedule, start: int):
+    """The optimal epsilon of the chain from x_start for class-conditional Gaussians: label 0 ~ (MU, SIGMA),
+    label 1 ~ (MU2, SIGMA2); images of shape (n, 4, 1, 1) as the server holds them."""
+    fns = {}
+    eye = torch.eye(4, dtype=torch.float64)
+    for label, (mu, sigma) in enumerate([(MU, SIGMA), (MU2, SIGMA2)]):
+        inv = {}
+
+        def fn(x, t, mu=mu, sigma=sigma, inv=inv):
+            step = int(t[0])
+            a = float(schedule.abar[step])
+            if step not in inv:
+                inv[step] = (1 - a / float(schedule.abar[start])) ** 0.5 * torch.linalg.inv(a * sigma + (1 - a) * eye)
+            return (x - a**0.5 * mu) @ inv[step].T
+
+        fns[label] = fn
+
+    class Oracle:  # what the Server asks of a trained model: eps_fn(labels, guidance)
+        def eps_fn(self, y, guidance=1.0):
+            def eps(x, t):
+                flat, out = x.flatten(1).double(), torch.empty(x.shape[0], 4, dtype=torch.float64)
+                for label, fn in fns.items():
+                    rows = y == label
+                    if rows.any():
+                        out[rows] = fn(flat[rows], t[rows])
+                return out.view_as(x).to(x.dtype)
+
+            return eps
+
+    return Oracle()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", T), ("ddim", 50)])
+def test_two_clients_with_different_cuts_get_their_own_distributions(shared: bool, sampler: str,
+                                                                     steps: int) -> None:
+    from collafuse.server import Server
+
+    schedule = NoiseSchedule.linear(T)
+    cuts = {0: 50, 1: 400}
+    # shared: one model that predicts the full chain's epsilon; per cut: each tail model its own chain's
+    trainers = ({-1: labelled_oracle(schedule, 0)} if shared
+                else {c: labelled_oracle(schedule, c) for c in cuts.values()})
+    server = Server(Split(schedule, 200), None, image_shape=(4, 1, 1), num_classes=2, client_ids=[0, 1],
+                    batch_size=64, cuts=cuts, trainers=trainers, shared=shared)
+    g = torch.Generator().manual_seed(1)
+    for cid, (mu, sigma) in enumerate([(MU, SIGMA), (MU2, SIGMA2)]):
+        y = torch.full((N,), cid)
+        x_cut = server.handover(N, y, cut=cuts[cid], sampler=sampler, steps=steps, generator=g).double()
+        client = labelled_oracle(schedule, 0).eps_fn(y)
+        x = Split(schedule, cuts[cid]).client_sample(client, x_cut, sampler=sampler, steps=steps, generator=g)
+        x = x.flatten(1)
+        assert float((x.mean(0) - mu).norm() / sigma.diagonal().sum().sqrt()) < 0.03
+        assert float((torch.cov(x.T) - sigma).norm() / sigma.norm()) < (0.05 if sampler == "ddpm" else 0.12)

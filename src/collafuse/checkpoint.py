@@ -62,7 +62,8 @@ def save(run_dir: Path, exp: Experiment, round_: int, history: list[dict[str, An
         streams = {f"client_{c.cid}.upload": c.upload_generator.get_state() for c in exp.clients}
         streams.update({f"client_{c.cid}.sent": c.sent for c in exp.clients})
         save_file(streams, str(tmp / "streams.safetensors"))
-        state = {"round": round_, "history": history, "t_zeta": exp.split.t_zeta, "T": exp.split.T}
+        state = {"round": round_, "history": history, "t_zeta": exp.split.t_zeta, "T": exp.split.T,
+                 "cuts": {str(k): v for k, v in exp.cuts.items()}}
         (tmp / "state.json").write_text(json.dumps(state))
         final = ck / name
         if final.exists():
@@ -88,6 +89,9 @@ def load(path: Path, exp: Experiment) -> tuple[int, list[dict[str, Any]]]:
     if state.get("t_zeta") != exp.split.t_zeta or state.get("T") != exp.split.T:
         raise CheckpointError(f"{path} was made with t_zeta = {state.get('t_zeta')}, T = {state.get('T')}; "
                               f"the config says {exp.split.t_zeta}, {exp.split.T}")
+    cuts = {str(k): v for k, v in exp.cuts.items()}
+    if state.get("cuts", cuts) != cuts:
+        raise CheckpointError(f"{path} was made with client cuts {state['cuts']}; the config says {cuts}")
     for key, trainer in exp.trainers.items():
         trainer.load(path / key)
     try:

@@ -1,4 +1,4 @@
-"""The ``collafuse`` command: run, sample, eval, sweep, report."""
+"""The ``collafuse`` command: run, sample, eval, privacy, sweep, report."""
 
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default: runs/<config name>-<date>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
+                   help="privacy budget per image against the server, at delta = eval.delta: picks the cut "
+                        "(or, with --tune clip, the clip norm) that meets it; needs train.upload_policy=once")
+    r.add_argument("--tune", choices=("cut", "clip"), default="cut",
+                   help="what --target-epsilon sets: the smallest cut t_zeta (default) or the largest clip norm")
+
+    pv = sub.add_parser("privacy", help="attack a finished run's uploads and model: averaging attack, membership "
+                                        "inference, and the (epsilon, delta) guarantee")
+    pv.add_argument("run_dir", help="a run folder written by 'collafuse run'")
+    pv.add_argument("--rounds", default=None,
+                    help="comma-separated rounds at which to measure the averaging attack "
+                         "(default 1,3,10,30,... up to the run's rounds)")
+    pv.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
+                    help="override an [eval] key, e.g. --set eval.delta=1e-6")
 
     s = sub.add_parser("sample", help="sample one client of a finished run into a grid PNG")
     s.add_argument("run_dir", help="a run folder written by 'collafuse run'")
@@ -73,6 +87,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .split import describe_cut
 
     cfg = config.load(args.config, args.overrides)
+    if args.target_epsilon is not None:
+        cfg = _meet_budget(cfg, args.target_epsilon, args.tune)
     if args.out:
         out = Path(args.out)
     elif args.resume:
@@ -98,6 +114,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
         first = next(iter(pv["per_client"].values()))
         print(f"privacy (client 0, policy {pv['policy']}): {first['text']}")
     print(f"done: {out}/report.md")
+    return 0
+
+
+def _meet_budget(cfg, target: float, tune: str):
+    """Set the cut or the clip norm that meets ``--target-epsilon``, and say what was chosen."""
+    from . import config
+    from .data import load_federated
+    from .errors import ConfigError
+    from .privacy import choose_for_budget
+    from .schedule import NoiseSchedule
+
+    if cfg.train.upload_policy != "once":
+        raise ConfigError("--target-epsilon needs --set train.upload_policy=once: under 'fresh' every round sends "
+                          "new noisy copies, so epsilon grows with training and no cut keeps it bounded")
+    if cfg.split.client_cuts:
+        raise ConfigError("--target-epsilon sets one cut for every client: leave split.client_cuts empty")
+    d = cfg.data
+    data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels,
+                          d.partition, d.num_clients, d.alpha)
+    sp = cfg.split
+    abar = NoiseSchedule.from_name(sp.schedule, sp.T, sp.beta_start, sp.beta_end).abar
+    choice = choose_for_budget(abar, sp.T, sp.t_zeta, cfg.train.clip_norm, data.channels * data.image_size ** 2,
+                               target, cfg.eval.delta, tune)
+    print(choice.describe(target))
+    raw = cfg.to_dict()
+    section, key = choice.key.split(".")
+    raw[section][key] = int(choice.value) if key == "t_zeta" else float(choice.value)
+    return config.from_dict(raw)
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from .attacks import assess, table
+    from .errors import ConfigError
+
+    run_dir = Path(args.run_dir)
+    rounds = None
+    if args.rounds:
+        try:
+            rounds = sorted({int(v) for v in args.rounds.split(",")})
+        except ValueError as exc:
+            raise ConfigError(f"--rounds {args.rounds!r}: give whole numbers such as 1,10,100") from exc
+        if rounds[0] < 1:
+            raise ConfigError(f"--rounds {args.rounds!r}: rounds start at 1")
+    exp = _load_run(run_dir, args.overrides, "eval")
+    result = assess(exp, run_dir, rounds)
+    print(table(result))
+    print(f"wrote {run_dir / 'privacy.json'}")
     return 0
 
 
@@ -174,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="collafuse: %(levelname)s: %(message)s")
     try:
         return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep,
-                "report": _cmd_report}[args.verb](args)
+                "report": _cmd_report, "privacy": _cmd_privacy}[args.verb](args)
     except CollafuseError as exc:
         if args.debug:
             raise

@@ -47,6 +47,8 @@ class SplitSection:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     t_zeta: int = 200
+    client_cuts: list[int] = field(default_factory=list)  # one t_zeta per client; empty: every client at t_zeta
+    server_model: str = "per_cut"  # with differing cuts: one tail model per cut, or one "shared" model
 
 
 @dataclass
@@ -123,6 +125,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "split.beta_start": (lambda v, c: 0 < v < 1, "in (0, 1)"),
     "split.beta_end": (lambda v, c: c.split.beta_start <= v < 1, "in [split.beta_start, 1)"),
     "split.schedule": (lambda v, c: v in ("linear", "cosine"), "'linear' or 'cosine'"),
+    "split.client_cuts": (lambda v, c: all(0 <= t <= c.split.T for t in v),
+                          "a list of integer steps in 0..split.T, one per client (empty: all at split.t_zeta)"),
+    "split.server_model": (lambda v, c: v in ("per_cut", "shared"), "'per_cut' or 'shared'"),
     "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
     "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
     "data.name": (lambda v, c: v in ("digits", "cifar10", "folder"), "'digits', 'cifar10' or 'folder'"),
@@ -145,8 +150,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "train.upload_dtype": (lambda v, c: v in ("float32", "float16"), "'float32' or 'float16'"),
     "train.upload_policy": (lambda v, c: v in ("fresh", "once"), "'fresh' or 'once'"),
     "train.clip_norm": (lambda v, c: v >= 0, ">= 0 (0: no clipping)"),
-    "train.aggregation": (lambda v, c: v in ("none", "fedavg") and (v == "none" or c.split.t_zeta > 0),
-                          "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0)"),
+    "train.aggregation": (lambda v, c: v in ("none", "fedavg") and (v == "none" or (
+                              c.split.t_zeta > 0 and len(set(c.split.client_cuts)) <= 1)),
+                          "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0 and "
+                          "one cut for every client)"),
     "train.checkpoint_every": (lambda v, c: v >= 1, "an integer >= 1"),
     "train.keep_checkpoints": (lambda v, c: v >= 1, "an integer >= 1"),
     "sample.n_per_client": (lambda v, c: v >= 1, "an integer >= 1"),

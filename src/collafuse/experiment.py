@@ -15,7 +15,7 @@ from .aggregation import share_initial_weights
 from .client import UPLOAD_POLICIES, Client
 from .config import Config
 from .data import FederatedData, load_federated
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .faults import kill_point
 from .models import Denoiser, build_unet
 from .schedule import NoiseSchedule
@@ -39,11 +39,19 @@ class Experiment:
     clients: list[Client]
 
     @property
+    def cuts(self) -> dict[int, int]:
+        """Client id -> its t_zeta."""
+        return {c.cid: c.split.t_zeta for c in self.clients}
+
+    @property
     def trainers(self) -> dict[str, Trainer]:
         """Every model that learns, by the name its checkpoint folder has."""
         out = {}
-        if self.server.trainer is not None:
-            out["server"] = self.server.trainer
+        if len(self.server.trainers) == 1:
+            out["server"] = next(iter(self.server.trainers.values()))
+        else:
+            for cut, trainer in self.server.trainers.items():
+                out[f"server_cut_{cut:04d}"] = trainer
         for c in self.clients:
             if c.trainer is not None:
                 out[f"client_{c.cid}"] = c.trainer
@@ -80,19 +88,30 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
                             f"{cfg.train.batch_size}: lower train.batch_size or give the client more data")
     schedule = NoiseSchedule.from_name(cfg.split.schedule, cfg.split.T, cfg.split.beta_start, cfg.split.beta_end)
     split = Split(schedule, cfg.split.t_zeta)
+    cut_list = cfg.split.client_cuts or [cfg.split.t_zeta] * len(data.clients)
+    if len(cut_list) != len(data.clients):
+        raise ConfigError(f"split.client_cuts has {len(cut_list)} cuts for {len(data.clients)} clients: give one "
+                          f"t_zeta per client, or leave it empty to use split.t_zeta for all")
+    cuts = {d.cid: t for d, t in zip(data.clients, cut_list, strict=True)}
     tr = cfg.train
 
     def trainer(name: str, index: int) -> Trainer:
         return Trainer(name, build_denoiser(cfg, data, seed_for(cfg, "init", index)), lr=tr.lr,
                        weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index))
 
-    server = Server(split, trainer("server", 0) if split.server_active else None,
-                    image_shape=(data.channels, data.image_size, data.image_size),
+    served = sorted({t for t in cuts.values() if t < cfg.split.T})
+    shared = cfg.split.server_model == "shared" and len(served) > 1
+    if len(served) == 1 or shared:
+        trainers = {-1 if shared else served[0]: trainer("server", 0)}
+    else:  # one tail model per cut; the first keeps the single-cut seeds, the others get their own
+        trainers = {t: trainer(f"server (cut {t})", 0 if k == 0 else 1000 + t) for k, t in enumerate(served)}
+    server = Server(split, None, image_shape=(data.channels, data.image_size, data.image_size),
                     num_classes=data.num_classes if cfg.model.conditional else None,
                     client_ids=[c.cid for c in data.clients], batch_size=tr.batch_size, epochs=tr.server_epochs,
-                    max_upload_images=max(tr.upload_size, 1))
+                    max_upload_images=max(tr.upload_size, 1), cuts=cuts, trainers=trainers, shared=shared)
     clients = [
-        Client(d, split, trainer(f"client {d.cid}", d.cid + 1) if split.client_active else None,
+        Client(d, Split(schedule, cuts[d.cid]),
+               trainer(f"client {d.cid}", d.cid + 1) if cuts[d.cid] > 0 else None,
                batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
                conditional=cfg.model.conditional, policy=make_policy(cfg, d.cid),
                seed=seed_for(cfg, "upload", d.cid))
@@ -114,34 +133,46 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
     s = exp.cfg.sample if settings is None else settings  # a SampleSection
     base = seed_for(exp.cfg, "sample") if seed is None else seed
     clients = {c.cid: c for c in exp.clients}
-    labels = [clients[cid].sample_labels(n) for cid, n in counts.items()]
-    y = None if labels[0] is None else torch.cat(labels)
-    n_total = sum(counts.values())
-    server_steps, client_steps = exp.split.sample_steps(s.sampler, s.steps)
-    bar = tqdm(total=server_steps + client_steps * len(counts), desc="sampling", unit="step",
-               disable=not progress, leave=False)
-    start = time.perf_counter()
+    labels = {cid: clients[cid].sample_labels(n) for cid, n in counts.items()}
+    groups: dict[int, list[int]] = {}  # cut -> clients: one batched server pass per cut
+    for cid in counts:
+        groups.setdefault(clients[cid].split.t_zeta, []).append(cid)
+    steps = {cut: clients[ids[0]].split.sample_steps(s.sampler, s.steps) for cut, ids in groups.items()}
+    bar = tqdm(total=sum(sv + cl * len(groups[cut]) for cut, (sv, cl) in steps.items()), desc="sampling",
+               unit="step", disable=not progress, leave=False)
     g = torch.Generator().manual_seed(base)
-    x_cut = exp.server.handover(n_total, y, sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=s.guidance,
-                                generator=g)
-    bar.update(server_steps)
-    kill_point("sample")
-    server_seconds = time.perf_counter() - start
     handover: dict[int, Tensor] = {}
     finished: dict[int, Tensor] = {}
     client_seconds: dict[int, float] = {}
-    offset = 0
-    for (cid, n), lab in zip(counts.items(), labels, strict=True):
-        part = x_cut[offset:offset + n]
-        offset += n
+    server_seconds = 0.0
+    for cut, ids in groups.items():
         start = time.perf_counter()
-        gc = torch.Generator().manual_seed(base + 1 + cid)
-        finished[cid] = clients[cid].finish(part, lab, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                                            guidance=s.guidance, clip=s.clip, generator=gc)
-        client_seconds[cid] = time.perf_counter() - start
-        handover[cid] = part
-        bar.update(client_steps)
+        y = None if labels[ids[0]] is None else torch.cat([labels[cid] for cid in ids])
+        x_cut = exp.server.handover(sum(counts[cid] for cid in ids), y, cut=cut, sampler=s.sampler, steps=s.steps,
+                                    eta=s.eta, guidance=s.guidance, generator=g)
+        bar.update(steps[cut][0])
+        kill_point("sample")
+        server_seconds += time.perf_counter() - start
+        offset = 0
+        for cid in ids:
+            n = counts[cid]
+            part = x_cut[offset:offset + n]
+            offset += n
+            start = time.perf_counter()
+            gc = torch.Generator().manual_seed(base + 1 + cid)
+            finished[cid] = clients[cid].finish(part, labels[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
+                                                guidance=s.guidance, clip=s.clip, generator=gc)
+            client_seconds[cid] = time.perf_counter() - start
+            handover[cid] = part
+            bar.update(steps[cut][1])
     bar.close()
-    return {"handover": handover, "samples": finished, "labels": dict(zip(counts, labels, strict=True)),
-            "server_seconds": server_seconds,
-            "client_seconds": client_seconds, "server_steps": server_steps, "client_steps": client_steps}
+    n_total = sum(counts.values())
+    # evaluations per image, averaged over the images when clients have different cuts
+    server_steps = sum(steps[clients[cid].split.t_zeta][0] * n for cid, n in counts.items()) / n_total
+    client_steps = sum(steps[clients[cid].split.t_zeta][1] * n for cid, n in counts.items()) / n_total
+    if len(groups) == 1:
+        server_steps, client_steps = next(iter(steps.values()))
+    return {"handover": {cid: handover[cid] for cid in counts}, "samples": {cid: finished[cid] for cid in counts},
+            "labels": labels, "server_seconds": server_seconds,
+            "client_seconds": {cid: client_seconds[cid] for cid in counts}, "server_steps": server_steps,
+            "client_steps": client_steps}

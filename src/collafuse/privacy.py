@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
 
 VACUOUS_EPSILON = 10.0  # beyond this an (epsilon, delta) guarantee says little about reconstruction
 
@@ -73,3 +76,72 @@ def guarantee(abar: float, clip_norm: float, releases: int, delta: float) -> Gua
         acc, name = RdpAccountant(), "RDP"
     acc.compose(event)
     return Guarantee(float(acc.get_epsilon(delta)), delta, z, releases, clip_norm, name)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What ``--target-epsilon`` chose: a cut or a clip norm, and the epsilon it gives."""
+
+    key: str  # "split.t_zeta" or "train.clip_norm"
+    value: float
+    guarantee: Guarantee
+
+    def describe(self, target: float) -> str:
+        v = f"{int(self.value)}" if self.key == "split.t_zeta" else f"{self.value:.4g}"
+        return (f"target epsilon {target:g} at delta {self.guarantee.delta:g}: chose {self.key} = {v} "
+                f"(epsilon {self.guarantee.epsilon:.3g} per image, one release under the 'once' policy, "
+                f"clip norm {self.guarantee.clip_norm:.4g})")
+
+
+def choose_for_budget(abar: Any, T: int, t_zeta: int, clip_norm: float, image_dim: int, target: float,
+                      delta: float, tune: str = "cut") -> BudgetChoice:
+    """The smallest cut (``tune='cut'``) or the largest clip norm (``tune='clip'``) whose epsilon is <= target.
+
+    Smallest cut: the server then does as much of the work as the budget allows. Largest clip norm: the
+    images are shrunk as little as the budget allows. Only the ``once`` policy has a budget that does not
+    grow with training; ``abar`` is the schedule's abar_0..abar_T.
+    """
+    if not target > 0:
+        raise ConfigError(f"--target-epsilon {target}: give a positive epsilon, e.g. 8")
+    clip = clip_norm or math.sqrt(image_dim)
+    if tune == "cut":
+        def eps_at(t: int) -> Guarantee:
+            return guarantee(float(abar[t]), clip, 1, delta)
+
+        best = eps_at(T - 1) if T > 1 else None
+        if best is None or best.epsilon > target:
+            got = "nothing" if best is None else f"epsilon {best.epsilon:.3g}"
+            raise ConfigError(f"--target-epsilon {target:g}: no cut meets it with clip norm {clip:.4g}; the most "
+                              f"private cut t_zeta = {T - 1} gives {got}. Lower train.clip_norm, or use "
+                              f"--tune clip")
+        lo, hi = 1, T - 1  # eps_at(hi) <= target; find the smallest such t
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if eps_at(mid).epsilon <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return BudgetChoice("split.t_zeta", hi, eps_at(hi))
+    if tune != "clip":
+        raise ConfigError(f"--tune {tune!r}: use 'cut' or 'clip'")
+    if not 0 < t_zeta < T:
+        raise ConfigError(f"--tune clip needs a cut with uploads (0 < split.t_zeta < {T}), got {t_zeta}")
+    a = float(abar[t_zeta])
+
+    def clip_for(z: float) -> float:
+        return math.sqrt(1.0 - a) / (2.0 * math.sqrt(a) * z)
+
+    lo, hi = 1e-3, 1e3  # noise multipliers: epsilon falls as z grows
+    if guarantee(a, clip_for(hi), 1, delta).epsilon > target:
+        raise ConfigError(f"--target-epsilon {target:g} is too small to meet by clipping at t_zeta = {t_zeta}; "
+                          f"raise the target")
+    for _ in range(60):  # bisection in log space to 1e-4 relative
+        mid = math.sqrt(lo * hi)
+        if guarantee(a, clip_for(mid), 1, delta).epsilon <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-4:
+            break
+    c = min(clip_for(hi), math.sqrt(image_dim))  # clipping above the images' own bound changes nothing
+    return BudgetChoice("train.clip_norm", c, guarantee(a, c, 1, delta))

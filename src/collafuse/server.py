@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .client import UPLOAD_DTYPES, Upload
 from .errors import UploadRejected
+from .schedule import Chain, EpsFn
 from .split import Split
 from .training import Trainer
 
@@ -21,14 +22,32 @@ log = logging.getLogger(__name__)
 MAX_SIGMAS = 12.0
 
 
+SERVER_MODELS = ("per_cut", "shared")
+
+
 class Server:
-    """The shared part of CollaFuse. ``trainer`` is None when t_zeta = T (the server owns no step)."""
+    """The shared part of CollaFuse. ``trainer`` is None when t_zeta = T (the server owns no step).
+
+    Clients may choose their own cuts (``cuts``: client id -> t_zeta; default every client at
+    ``split.t_zeta``). The server then keeps either one tail model per distinct cut (``trainers``, keyed
+    by cut: each the exact tail DDPM of its cut) or, with ``shared``, one model for every cut that
+    predicts the full chain's epsilon and is trained with each upload's own tail loss
+    (:meth:`Trainer.step_shared`). With a single cut both are the one tail model of DESIGN.md.
+    """
 
     def __init__(self, split: Split, trainer: Trainer | None, *, image_shape: tuple[int, int, int],
                  num_classes: int | None, client_ids: list[int], batch_size: int, epochs: int = 1,
-                 max_upload_images: int = 4096) -> None:
+                 max_upload_images: int = 4096, cuts: dict[int, int] | None = None,
+                 trainers: dict[int, Trainer] | None = None, shared: bool = False) -> None:
         self.split = split
-        self.trainer = trainer
+        self.cuts = dict(cuts) if cuts else {cid: split.t_zeta for cid in client_ids}
+        self.splits = {t: Split(split.schedule, t) for t in sorted(set(self.cuts.values()))}
+        if trainers is None:
+            trainers = {split.t_zeta: trainer} if trainer is not None else {}
+        self.trainers = trainers  # cut -> tail model, or {-1: model} when shared
+        self.shared = shared
+        self.trainer = trainer if trainer is not None else (next(iter(trainers.values())) if len(trainers) == 1
+                                                              else None)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.client_ids = set(client_ids)
@@ -48,8 +67,9 @@ class Server:
         who = f"upload from client {upload.client_id} (round {upload.round})"
         if upload.client_id not in self.client_ids:
             raise UploadRejected(f"{who}: unknown client id")
-        if upload.t_zeta != self.split.t_zeta:
-            raise UploadRejected(f"{who}: made at t_zeta = {upload.t_zeta}, the server's cut is {self.split.t_zeta}")
+        cut = self.cuts[upload.client_id]
+        if upload.t_zeta != cut:
+            raise UploadRejected(f"{who}: made at t_zeta = {upload.t_zeta}, the client's cut is {cut}")
         x = upload.x_t_zeta
         if not torch.is_tensor(x):
             raise UploadRejected(f"{who}: x_t_zeta must be a tensor, got {type(x).__name__}")
@@ -64,7 +84,7 @@ class Server:
             raise UploadRejected(f"{who}: {upload.nbytes} bytes is over the limit of {self.max_upload_bytes}")
         if not bool(torch.isfinite(x).all()):
             raise UploadRejected(f"{who}: holds NaN or infinite values")
-        signal, noise = self.split.signal_noise_at_cut()
+        signal, noise = self.splits[cut].signal_noise_at_cut()
         bound = signal + MAX_SIGMAS * noise
         peak = float(x.abs().max())
         if peak > bound:
@@ -94,28 +114,69 @@ class Server:
                 log.warning("rejected %s", exc)
         return good
 
+    def trainer_for(self, cid: int) -> Trainer | None:
+        """The model that serves client ``cid`` (None if the client is alone)."""
+        if self.shared:
+            return self.trainer if self.cuts[cid] < self.split.T else None
+        return self.trainers.get(self.cuts[cid])
+
     def train_round(self, uploads: list[Upload], round_: int = 0) -> dict[str, float]:
         """Train on this round's accepted uploads: ``epochs`` passes in shuffled minibatches."""
-        if self.trainer is None or not uploads:
+        if not self.trainers or not uploads:
             return {"loss": float("nan"), "seconds": 0.0, "samples": 0}
         start = time.perf_counter()
+        losses: list[float] = []
+        samples = 0
+        if self.shared:
+            samples = self._train(self.trainer, None, uploads, round_, losses)
+        else:
+            for cut, trainer in self.trainers.items():
+                group = [u for u in uploads if u.t_zeta == cut]
+                if group:
+                    samples += self._train(trainer, self.splits[cut], group, round_, losses)
+        return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start, "samples": samples}
+
+    def _train(self, trainer: Trainer, split: Split | None, uploads: list[Upload], round_: int,
+               losses: list[float]) -> int:
+        """``epochs`` passes over ``uploads`` in shuffled minibatches; ``split`` None: the shared model."""
         x = torch.cat([u.x_t_zeta.float() for u in uploads])
         y = None if self.num_classes is None else torch.cat([u.labels for u in uploads])
-        losses = []
+        cuts = torch.cat([torch.full((len(u.x_t_zeta),), u.t_zeta) for u in uploads])
         for _ in range(self.epochs):
-            order = torch.randperm(len(x), generator=self.trainer.generator)
+            order = torch.randperm(len(x), generator=trainer.generator)
             for i in range(0, len(x), self.batch_size):
                 idx = order[i:i + self.batch_size]
-                losses.append(self.trainer.step(self.split.server_chain, x[idx], None if y is None else y[idx],
-                                                where=f"in round {round_}"))
-        return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
-                "samples": self.epochs * len(x)}
+                yb = None if y is None else y[idx]
+                where = f"in round {round_}"
+                if split is None:
+                    losses.append(trainer.step_shared(self.split.schedule, x[idx], cuts[idx], yb, where=where))
+                else:
+                    losses.append(trainer.step(split.server_chain, x[idx], yb, where=where))
+        return self.epochs * len(x)
 
-    def handover(self, n: int, labels: Tensor | None, *, sampler: str = "ddpm", steps: int = 1000,
-                 eta: float = 0.0, guidance: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """Draw x_T ~ N(0, I) and denoise it to x_{t_zeta} for a client (conditioned on its labels)."""
+    def handover(self, n: int, labels: Tensor | None, *, cut: int | None = None, sampler: str = "ddpm",
+                 steps: int = 1000, eta: float = 0.0, guidance: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_T ~ N(0, I) and denoise it to x_{cut} for a client (conditioned on its labels).
+
+        ``cut`` defaults to the run's t_zeta.
+        """
+        cut = self.split.t_zeta if cut is None else cut
+        split = self.splits.get(cut) or Split(self.split.schedule, cut)
         x_T = torch.randn((n, *self.image_shape), generator=generator)
-        if self.trainer is None:
+        trainer = self.trainer if self.shared else self.trainers.get(cut)
+        if trainer is None or not split.server_active:
             return x_T
-        return self.split.server_sample(self.trainer.eps_fn(labels, guidance), x_T, sampler=sampler, steps=steps,
-                                        eta=eta, generator=generator)
+        eps_fn = trainer.eps_fn(labels, guidance)
+        if self.shared:
+            eps_fn = _tail_of_full(eps_fn, split.server_chain)
+        return split.server_sample(eps_fn, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator)
+
+
+def _tail_of_full(eps_full: EpsFn, chain: Chain) -> EpsFn:
+    """A shared model's full-chain epsilon as the tail chain's: eps_tail = eps_full / (eps_to_full factor)."""
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        e = eps_full(x, t)
+        return e / chain.eps_to_full(torch.ones_like(e), t)
+
+    return fn

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .errors import CheckpointError, CollafuseError
 from .models import Denoiser
-from .schedule import Chain, EpsFn
+from .schedule import Chain, EpsFn, NoiseSchedule
 
 
 class NonFiniteLoss(CollafuseError):
@@ -46,7 +46,33 @@ class Trainer:
         x_t = chain.q_sample(x_start, eps, t).float()
         y = self.model.drop_labels(y, g)
         self.model.train()
-        loss = F.mse_loss(self.model(x_t, t, y), eps)
+        return self._update(F.mse_loss(self.model(x_t, t, y), eps), where)
+
+    def step_shared(self, schedule: NoiseSchedule, x_start: Tensor, cuts: Tensor, y: Tensor | None,
+                    where: str = "") -> float:
+        """One step of a server model shared by clients with different cuts (``cuts[i]`` made ``x_start[i]``).
+
+        Image i is noised along its own tail chain, abar'_t = abar_t / abar_{cut_i} with t uniform in
+        cut_i+1..T, and the loss is that chain's: ||eps_hat_tail - eps||^2. The network itself predicts the
+        full chain's epsilon, the one quantity every cut shares (both estimate the same score), and
+        eps_hat_tail = sqrt((1 - abar'_t) / (1 - abar_t)) eps_hat_full (see :meth:`Chain.eps_to_full`).
+        """
+        g = self.generator
+        n = x_start.shape[0]
+        T = schedule.T
+        t = cuts + 1 + (torch.rand(n, generator=g) * (T - cuts)).long().clamp(max=T - 1 - cuts)
+        eps = torch.randn(x_start.shape, generator=g)
+        view = (-1,) + (1,) * (x_start.dim() - 1)
+        abar_t = schedule.abar[t].view(view)
+        rel = abar_t / schedule.abar[cuts].view(view)
+        x_t = (rel.sqrt() * x_start + (1 - rel).sqrt() * eps).float()
+        scale = ((1 - rel) / (1 - abar_t)).sqrt().float()
+        y = self.model.drop_labels(y, g)
+        self.model.train()
+        return self._update(F.mse_loss(scale * self.model(x_t, t, y), eps), where)
+
+    def _update(self, loss: Tensor, where: str) -> float:
+        """Check the loss, take the optimiser step and update the EMA copy."""
         value = float(loss.detach())
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"the {self.name} loss became {value} {where}: lower train.lr "

@@ -147,8 +147,8 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
         order = torch.arange(len(x)) if labels is None else labels.argsort(stable=True)
         save_grid(x[order], run_dir / "samples" / f"client_{cid}.png")  # rows grouped by class
     signal, noise = exp.split.signal_noise_at_cut()
-    save_handover(out["handover"], out["samples"], run_dir / "samples" / "handover.png",
-                  scale=max(1.0, signal + noise))
+    scale = max(sum(c.split.signal_noise_at_cut()) for c in exp.clients)
+    save_handover(out["handover"], out["samples"], run_dir / "samples" / "handover.png", scale=max(1.0, scale))
     if history:
         plot_losses(history, run_dir / "plots" / "loss.png")
     n_total = n * len(exp.clients)
@@ -156,7 +156,8 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     client_secs = sum(out["client_seconds"].values())
     upload_bytes = [b for h in history for b in h["upload_bytes"]]
     metrics = {
-        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "cut": describe_cut(exp.split.t_zeta, exp.split.T),
+        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "cut": describe_cuts(exp),
+        "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "server_model": server_model(exp),
         "signal_at_cut": signal, "noise_at_cut": noise,
         "data": {"name": exp.data.name, "clients": exp.data.describe()},
         "rounds": len(history), "wall_seconds": wall,
@@ -179,6 +180,22 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_report(run_dir, metrics)
     return metrics
+
+
+def describe_cuts(exp: Experiment) -> str:
+    """What the cut means, or each client's cut when they differ."""
+    cuts = exp.cuts
+    if len(set(cuts.values())) == 1:
+        return describe_cut(exp.split.t_zeta, exp.split.T)
+    return ("clients choose their own cuts: " + ", ".join(f"client {c} t_zeta = {t}" for c, t in cuts.items())
+            + f" of T = {exp.split.T}")
+
+
+def server_model(exp: Experiment) -> str:
+    if exp.server.shared:
+        return "one shared model for every cut (predicts the full chain's epsilon)"
+    n = len(exp.server.trainers)
+    return "none" if n == 0 else ("one tail model" if n == 1 else f"one tail model per cut ({n})")
 
 
 def privacy_summary(exp: Experiment) -> dict[str, Any]:
@@ -207,7 +224,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = Tr
     run_dir = Path(run_dir)
     exp = build(cfg)  # data and config problems surface before anything is written
     prepare_run_dir(run_dir, cfg, resume)
-    log.info(describe_cut(cfg.split.t_zeta, cfg.split.T))
+    log.info(describe_cuts(exp))
     start = time.perf_counter()
     history = train(exp, run_dir, resume=resume, progress=progress)
     return finish_run(exp, run_dir, history, time.perf_counter() - start, progress=progress)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..attacks import posterior_mean
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
 from .agreement import LabelClassifier
@@ -95,14 +96,17 @@ def ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:
 
 def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] | None:
     """What the server receives about held-out images at this cut, measured. None if nothing is sent."""
-    split, ev = exp.split, exp.cfg.eval
-    if not split.server_active or ev.disclosure_images == 0:
+    ev = exp.cfg.eval
+    if ev.disclosure_images == 0 or not any(c.split.server_active for c in exp.clients):
         return None
-    t = split.t_zeta
-    abar = float(split.schedule.abar[t])
     per: dict[str, Any] = {}
     uploads = []
     for c in exp.clients:
+        split = c.split
+        if not split.server_active:
+            continue
+        t = split.t_zeta
+        abar = float(split.schedule.abar[t])
         x0 = c.data.test_x[:ev.disclosure_images]
         y = c.data.test_y[:ev.disclosure_images]
         g = torch.Generator().manual_seed(ev.seed + c.cid)
@@ -110,18 +114,19 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
         if t == 0:
             x0_hat = x_t.clone()  # the raw image itself crosses the wire
         else:
-            eps = c.trainer.eps_fn(y if c.conditional else None)(x_t, torch.full((len(x_t),), t))
-            x0_hat = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+            x0_hat = posterior_mean(split, c.trainer.eps_fn(y if c.conditional else None), x_t, t)
         blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(x0)
         exact = math.inf if t == 0 else None
-        per[str(c.cid)] = {"images": len(x0), "psnr": exact or float(psnr(x0_hat, x0).mean()),
+        per[str(c.cid)] = {"t_zeta": t, "snr_db": _snr_db(abar), "images": len(x0),
+                           "psnr": exact or float(psnr(x0_hat, x0).mean()),
                            "ssim": float(ssim(x0_hat, x0).mean()),
                            "psnr_blind": float(psnr(blind, x0).mean()), "ssim_blind": float(ssim(blind, x0).mean())}
         uploads.append(x_t)
     x_up = torch.cat(uploads)
+    t, abar = exp.split.t_zeta, float(exp.split.schedule.abar[exp.split.t_zeta])  # the run's default cut
     out: dict[str, Any] = {
-        "t_zeta": t, "snr": abar / (1 - abar) if abar < 1 else math.inf,
-        "snr_db": 10 * math.log10(abar / (1 - abar)) if 0 < abar < 1 else (math.inf if abar >= 1 else -math.inf),
+        "t_zeta": t, "client_cuts": {str(k): v for k, v in exp.cuts.items()},
+        "snr": abar / (1 - abar) if abar < 1 else math.inf, "snr_db": _snr_db(abar),
         "reconstruction": {"tool": "posterior mean E[x0 | x_t] from the client's own denoiser (upper bound)",
                            "per_client": per,
                            "psnr": float(np.mean([v["psnr"] for v in per.values()])),
@@ -131,10 +136,15 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
         "upload_distance": {},
     }
     for name, ext in feats.items():
-        real_f = np.concatenate([ext.cached(c.data.test_x) for c in exp.clients])  # cached by the quality pass
+        real_f = np.concatenate([ext.cached(c.data.test_x) for c in exp.clients  # cached by the quality pass
+                                 if c.split.server_active])
         up_f = ext.cached(x_up)
         out["upload_distance"][name] = compare(real_f, up_f)
     return out
+
+
+def _snr_db(abar: float) -> float:
+    return 10 * math.log10(abar / (1 - abar)) if 0 < abar < 1 else (math.inf if abar >= 1 else -math.inf)
 
 
 def memorisation(exp: Experiment, samples: dict[int, Tensor]) -> dict[str, Any]:
@@ -178,7 +188,8 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
         if name == "domain_fid":
             quality[name]["classifier_test_accuracy"] = ext.test_accuracy
     result: dict[str, Any] = {
-        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "aggregation": exp.cfg.train.aggregation,
+        "t_zeta": exp.split.t_zeta, "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "T": exp.split.T,
+        "aggregation": exp.cfg.train.aggregation,
         "seed": exp.cfg.run.seed, "sampler": ev.sampler, "steps": ev.steps, "n_per_client": ev.n_per_client,
         "quality": quality,
         "missing": _missing(feats),

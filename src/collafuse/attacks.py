@@ -1,0 +1,292 @@
+"""What an honest-but-curious server can infer from the uploads, measured by attacking them.
+
+Threat model (docs/privacy.md): the server follows the protocol but keeps and studies everything it
+receives: every x_{t_zeta} with its label, the cut t_zeta and the noise schedule (both public), and its
+own model. It never sees x_0 or the noise a client drew.
+
+Two attacks, each run on a client's held-out images so that the figures do not depend on what the
+models happened to memorise:
+
+* **Averaging** (DESIGN.md, "Known weakness"): the held-out images take the place of the training set
+  and are uploaded by the client's own upload policy (the real code path) at the run's rate, so that
+  after r rounds each image has been sent as often as a training image would have been. The server
+  links uploads whose distance is what two noisings of one image give (a chi-square bound it can
+  compute from the public schedule), averages each linked group, and rescales it. Under ``fresh`` the
+  noise of K copies averages down by sqrt(K); under ``once`` every copy is the same, so averaging
+  gains nothing. Reported as PSNR and SSIM against rounds, plain and after the client's own denoiser
+  at the noise level the average has (the best denoiser an attacker could hope for).
+* **Membership inference** against the server's model: the loss of the server's denoiser on an
+  image's noised copies, lower for images it was trained on. Training images against held-out ones,
+  ROC AUC with a bootstrap spread (0.5: the model reveals nothing about membership).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .client import FreshNoise, NoiseOnce
+from .data import ClientData
+from .split import Split
+from .training import Trainer
+
+DEFAULT_ROUNDS = (1, 3, 10, 30, 100, 300, 1000, 3000)
+# Linking radius: the median distance of two noisings of one image (z = 0), so half of all copy pairs link. On the
+# digits (d = 64) a wider radius links many more strangers than copies (at t_zeta = 200, z = 3.09 gave link precision
+# 0.01 and a worse reconstruction than z = 0, which gave 0.15); on larger images copies separate far better.
+LINK_QUANTILE_Z = 0.0
+
+
+def chi2_quantile(d: int, z: float) -> float:
+    """The quantile at normal score z of chi-square with d degrees of freedom (Wilson-Hilferty)."""
+    c = 2.0 / (9.0 * d)
+    return d * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+def link_radius2(split: Split, d: int, z: float | None = None) -> float:
+    """Squared distance below which the server treats two uploads as noisings of the same image.
+
+    Two copies differ by sqrt(1 - abar) (eps1 - eps2), a Gaussian with variance 2 (1 - abar) per pixel.
+    """
+    abar = float(split.schedule.abar[split.t_zeta])
+    return 2.0 * (1.0 - abar) * chi2_quantile(d, LINK_QUANTILE_Z if z is None else z) + 1e-9
+
+
+def rounds_for(total: int, points: tuple[int, ...] = DEFAULT_ROUNDS) -> list[int]:
+    """The rounds at which the attack is measured: the standard points up to ``total``, and ``total``."""
+    return sorted({r for r in points if r < total} | {total})
+
+
+def equivalent_t(split: Split, copies: float) -> int:
+    """The step whose signal-to-noise ratio is that of the mean of ``copies`` noisings at t_zeta."""
+    abar = split.schedule.abar.double()
+    a = float(abar[split.t_zeta])
+    target = copies * a / (1 - a)
+    snr = abar[1:split.t_zeta + 1] / (1 - abar[1:split.t_zeta + 1])
+    return int(torch.argmin((snr.log() - math.log(target)).abs())) + 1
+
+
+def posterior_mean(split: Split, eps_fn: Any, x_t: Tensor, t: int) -> Tensor:
+    """E[x_0 | x_t] from a denoiser: (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to [-1, 1]."""
+    a = float(split.schedule.abar[t])
+    eps = eps_fn(x_t, torch.full((len(x_t),), t))
+    return ((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+
+
+def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
+                     rounds: list[int], seed: int, denoiser: Trainer | None = None,
+                     conditional: bool = True) -> list[dict[str, Any]]:
+    """The averaging attack on ``data.test_x`` uploaded by ``policy`` for up to ``max(rounds)`` rounds.
+
+    ``upload_size`` is the run's per-round upload; the held-out pool uploads in proportion to its size, so
+    that every image is sent as often as a training image of the run. Returns one row per checkpoint.
+    """
+    from .metrics.evaluate import psnr, ssim
+
+    if not split.server_active:
+        return []
+    pool = ClientData(data.cid, data.test_x.float(), data.test_y, data.test_x[:0], data.test_y[:0])
+    n_pool = len(pool.train_x)
+    per_round = max(1, round(upload_size * n_pool / max(1, len(data.train_x))))
+    d = int(pool.train_x[0].numel())
+    radius2 = link_radius2(split, d)
+    abar = float(split.schedule.abar[split.t_zeta])
+    g = torch.Generator().manual_seed(seed)
+    ups: list[Tensor] = []
+    src: list[Tensor] = []
+    rows = []
+    done = 0
+    for r in sorted(rounds):
+        while done < r:
+            x, _, idx = policy.draw(pool, per_round, split, g)
+            ups.append(x.float().flatten(1))
+            src.append(idx)
+            done += 1
+        U, S = torch.cat(ups), torch.cat(src)
+        seen = torch.unique(S)
+        # the first upload of each image stands for it; the server links it to every upload within the radius
+        first = torch.tensor([int(torch.nonzero(S == j)[0]) for j in seen.tolist()], dtype=torch.long)
+        dist2 = torch.cdist(U[first].double(), U.double()).pow(2)
+        linked = dist2 <= radius2
+        groups = linked.sum(1)
+        mean = (linked.double() @ U.double()) / groups[:, None]
+        truth = pool.train_x[seen]
+        x0_plain = (mean / math.sqrt(abar)).clamp(-1, 1).float().view_as(truth)
+        # copies that differ: what averaging can use (once: always 1)
+        distinct = torch.tensor([len(torch.unique(U[linked[i]], dim=0)) for i in range(len(seen))])
+        correct = (linked & (S[None, :] == seen[:, None])).sum(1).double() / groups
+        row = {"round": r, "images": int(len(seen)), "uploads": int(len(U)),
+               "copies_per_image": float(groups.double().mean()),
+               "distinct_copies_per_image": float(distinct.double().mean()),
+               "link_precision": float(correct.mean()),
+               "psnr": float(psnr(x0_plain, truth).mean()), "ssim": float(ssim(x0_plain, truth).mean())}
+        if denoiser is not None and split.client_active:
+            x0_hat = torch.empty_like(truth)
+            labels = pool.train_y[seen] if conditional else None
+            for k in torch.unique(distinct).tolist():
+                sel = distinct == k
+                t_eq = equivalent_t(split, float(k))
+                a_eq = float(split.schedule.abar[t_eq])
+                # rescale the mean of k copies so that it is distributed as x_{t_eq}
+                x_eq = (mean[sel] * math.sqrt(a_eq / abar)).float().view(-1, *truth.shape[1:])
+                fn = denoiser.eps_fn(None if labels is None else labels[sel])
+                x0_hat[sel] = posterior_mean(split, fn, x_eq, t_eq)
+            row["psnr_denoised"] = float(psnr(x0_hat, truth).mean())
+            row["ssim_denoised"] = float(ssim(x0_hat, truth).mean())
+        rows.append(row)
+    return rows
+
+
+def roc_auc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
+    """P(score of a member > score of a non-member), ties counting half (the Mann-Whitney statistic)."""
+    allv = np.concatenate([scores_in, scores_out])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    for v in np.unique(allv):  # average ranks over ties
+        tie = allv == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    n1, n0 = len(scores_in), len(scores_out)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def loss_scores(trainer: Trainer, split: Split, x0: Tensor, y: Tensor | None, *, draws: int, seed: int,
+                batch: int = 256) -> np.ndarray:
+    """Per image, minus the server's mean denoising loss over ``draws`` noisings (same draws for every image)."""
+    chain = split.server_chain
+    model = trainer.sampling_model.eval()
+    g = torch.Generator().manual_seed(seed)
+    shape = x0.shape[1:]
+    eps_c = torch.randn((draws, *shape), generator=g)
+    eps_s = torch.randn((draws, *shape), generator=g)
+    ts = chain.sample_t(draws, g)
+    total = torch.zeros(len(x0), dtype=torch.float64)
+    with torch.inference_mode():
+        for k in range(draws):
+            for i in range(0, len(x0), batch):
+                xb = x0[i:i + batch].float()
+                x_cut = split.schedule.add_noise(xb, eps_c[k].expand_as(xb), split.t_zeta)
+                t = ts[k].expand(len(xb))
+                x_t = chain.q_sample(x_cut, eps_s[k].expand_as(xb), t)
+                pred = model(x_t, t, None if y is None else y[i:i + batch])
+                total[i:i + len(xb)] += (pred - eps_s[k]).pow(2).flatten(1).mean(1).double()
+    return -(total / draws).numpy()
+
+
+def membership_inference(trainer: Trainer | None, split: Split, data: ClientData, *, conditional: bool,
+                         n: int = 256, draws: int = 16, seed: int = 0, bootstrap: int = 200) -> dict[str, Any] | None:
+    """Loss-based membership inference against the server's model: training vs held-out images of a client."""
+    if trainer is None or not split.server_active:
+        return None
+    rng = np.random.default_rng(seed)
+    k = min(n, len(data.train_x), len(data.test_x))
+    mi = torch.from_numpy(rng.choice(len(data.train_x), k, replace=False))
+    mo = torch.from_numpy(rng.choice(len(data.test_x), k, replace=False))
+    s_in = loss_scores(trainer, split, data.train_x[mi], data.train_y[mi] if conditional else None,
+                       draws=draws, seed=seed)
+    s_out = loss_scores(trainer, split, data.test_x[mo], data.test_y[mo] if conditional else None,
+                        draws=draws, seed=seed)
+    auc = roc_auc(s_in, s_out)
+    boots = [roc_auc(s_in[rng.integers(0, k, k)], s_out[rng.integers(0, k, k)]) for _ in range(bootstrap)]
+    return {"auc": auc, "auc_sd": float(np.std(boots, ddof=1)), "members": k, "non_members": k, "draws": draws,
+            "score": "minus the server model's mean epsilon loss over fixed noisings"}
+
+
+def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> dict[str, Any]:
+    """Every privacy figure of a trained experiment; written to RUN_DIR/privacy.json (and a plot) if given."""
+    import json
+    import time
+    from pathlib import Path
+
+    from .experiment import make_policy
+    from .files import write_text_atomic
+    from .metrics.evaluate import psnr, ssim
+
+    start = time.perf_counter()
+    cfg = exp.cfg
+    rounds = rounds or rounds_for(cfg.train.rounds)
+    per: dict[str, Any] = {}
+    for c in exp.clients:
+        split = c.split
+        g = c.privacy(cfg.eval.delta)
+        blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(c.data.test_x)
+        entry: dict[str, Any] = {
+            "t_zeta": split.t_zeta,
+            "guarantee": {"epsilon": g.epsilon, "delta": g.delta, "releases": g.releases,
+                          "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm, "vacuous": g.vacuous,
+                          "text": g.describe()},
+            "blind": {"psnr": float(psnr(blind, c.data.test_x).mean()),
+                      "ssim": float(ssim(blind, c.data.test_x).mean())},
+            # a fresh policy object: the client's own holds the noised copies of its training images
+            "averaging": averaging_attack(c.data, split, make_policy(cfg, c.cid), upload_size=cfg.train.upload_size,
+                                          rounds=rounds, seed=cfg.eval.seed + c.cid, denoiser=c.trainer,
+                                          conditional=c.conditional),
+            "membership": membership_inference(exp.server.trainer_for(c.cid), split, c.data,
+                                               conditional=c.conditional, seed=cfg.eval.seed + c.cid),
+        }
+        per[str(c.cid)] = entry
+    result = {"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm, "rounds": rounds,
+              "run_rounds": cfg.train.rounds, "upload_size": cfg.train.upload_size,
+              "link_quantile_z": LINK_QUANTILE_Z, "per_client": per, "seconds": time.perf_counter() - start}
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        write_text_atomic(run_dir / "privacy.json", json.dumps(result, indent=1))
+        if any(v["averaging"] for v in per.values()):
+            plot_averaging(result, run_dir / "plots" / "averaging_attack.png")
+    return result
+
+
+def plot_averaging(result: dict[str, Any], path: Any) -> None:
+    """Reconstruction PSNR of the averaging attack against rounds, per client, with the blind guess."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, (cid, v) in enumerate(result["per_client"].items()):
+        rows = v["averaging"]
+        if not rows:
+            continue
+        color = f"C{k}"
+        r = [row["round"] for row in rows]
+        ax.plot(r, [row["psnr"] for row in rows], "o-", color=color,
+                label=f"client {cid} (t_zeta = {v['t_zeta']}): average of linked copies")
+        if "psnr_denoised" in rows[0]:
+            ax.plot(r, [row["psnr_denoised"] for row in rows], "s--", color=color, label=f"client {cid}: then denoised")
+        ax.axhline(v["blind"]["psnr"], color=color, lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("rounds of uploads seen by the server")
+    ax.set_ylabel("reconstruction PSNR of held-out images (dB)")
+    ax.set_title(f"averaging attack, policy '{result['policy']}' (dotted: blind guess)")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Plain-text summary of :func:`assess`."""
+    lines = [f"privacy against an honest-but-curious server (policy {result['policy']}, "
+             f"{result['upload_size']} uploads per client and round, {result['run_rounds']} rounds)"]
+    for cid, v in result["per_client"].items():
+        lines.append(f"client {cid}, t_zeta = {v['t_zeta']}: {v['guarantee']['text']}")
+        rows = v["averaging"]
+        if rows:
+            head = "  averaging attack: " + ", ".join(
+                f"{row['round']} rounds {row['psnr']:.1f} dB" + (f" ({row['psnr_denoised']:.1f} denoised)"
+                                                                if "psnr_denoised" in row else "")
+                for row in rows)
+            lines.append(head + f"; blind guess {v['blind']['psnr']:.1f} dB")
+        m = v["membership"]
+        if m:
+            lines.append(f"  membership inference on the server's model: ROC AUC {m['auc']:.3f} +- {m['auc_sd']:.3f} "
+                         f"({m['members']} training vs {m['non_members']} held-out images; 0.5 = no leak)")
+        elif not rows:
+            lines.append("  nothing is uploaded at this cut")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""The attacks of docs/privacy.md, --target-epsilon, and `collafuse privacy` on a real run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from collafuse import attacks, config
+from collafuse.client import FreshNoise, NoiseOnce
+from collafuse.experiment import build
+from collafuse.models import Denoiser, build_unet
+from collafuse.privacy import choose_for_budget, guarantee
+from collafuse.schedule import NoiseSchedule
+from collafuse.split import Split
+from collafuse.training import Trainer
+from conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def digits_client():
+    return build(config.load(None, ["engine.threads=1"])).clients[0].data
+
+
+def test_averaging_gains_under_fresh_and_not_under_once(digits_client) -> None:
+    split = Split(NoiseSchedule.linear(1000), 100)
+    rounds = [1, 30, 300]
+
+    def psnrs(policy) -> list[float]:
+        rows = attacks.averaging_attack(digits_client, split, policy, upload_size=64, rounds=rounds, seed=3)
+        assert [r["round"] for r in rows] == rounds
+        return [r["psnr"] for r in rows]
+
+    fresh, once = psnrs(FreshNoise()), psnrs(NoiseOnce(seed=5))
+    # one upload tells both policies the same; many rounds of fresh noise average down, one fixed copy does not
+    assert abs(fresh[0] - once[0]) < 1.0
+    assert fresh[2] > fresh[0] + 5.0
+    assert once[2] < once[0] + 1.0
+    assert fresh[2] > once[2] + 5.0
+
+
+def test_averaging_copies_track_the_upload_rate(digits_client) -> None:
+    split = Split(NoiseSchedule.linear(1000), 100)
+    rows = attacks.averaging_attack(digits_client, split, FreshNoise(), upload_size=64, rounds=[200], seed=0)
+    # the held-out pool uploads in proportion: each image about 200 * 64 / n_train times, half of which link (z = 0)
+    expected = 200 * 64 / len(digits_client.train_x)
+    assert 0.3 * expected < rows[0]["copies_per_image"] < 1.2 * expected
+    assert rows[0]["link_precision"] > 0.7
+
+
+def test_equivalent_step_has_the_averaged_snr() -> None:
+    split = Split(NoiseSchedule.linear(1000), 300)
+    abar = split.schedule.abar.double()
+    snr = abar / (1 - abar)
+    t = attacks.equivalent_t(split, 16.0)
+    assert t < 300 and abs(float(snr[t].log() - (16 * snr[300]).log())) < 0.05
+    assert attacks.equivalent_t(split, 1.0) == 300
+
+
+def test_roc_auc_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, 200).round(1), rng.normal(0, 1, 150).round(1)  # rounding makes ties
+    y = np.r_[np.ones(200), np.zeros(150)]
+    assert attacks.roc_auc(a, b) == pytest.approx(roc_auc_score(y, np.r_[a, b]), abs=1e-12)
+
+
+def test_membership_inference_sees_an_overfit_server(digits_client) -> None:
+    torch.manual_seed(0)
+    split = Split(NoiseSchedule.linear(100), 0)  # the server is trained on the raw images: the worst case
+    net = build_unet("tiny", 8, 1, None, 100)
+    trainer = Trainer("server", Denoiser(net, None, 0.0), lr=2e-3, weight_decay=0.0, ema_decay=0.0, seed=0)
+    members = digits_client.train_x[:16]
+    for _ in range(400):
+        trainer.step(split.server_chain, members, None)
+    small = type(digits_client)(0, members, digits_client.train_y[:16], digits_client.test_x[:16],
+                                digits_client.test_y[:16])
+    mi = attacks.membership_inference(trainer, split, small, conditional=False, draws=32, seed=0)
+    assert mi["members"] == 16 and mi["auc"] > 0.8
+    assert 0 <= mi["auc_sd"] < 0.2  # 0 when every member scores above every non-member
+    assert attacks.membership_inference(None, split, small, conditional=False) is None
+
+
+def test_target_epsilon_picks_the_smallest_cut_and_the_largest_clip() -> None:
+    abar = NoiseSchedule.linear(1000).abar
+    cut = choose_for_budget(abar, 1000, 200, 0.0, 64, 8.0, 1e-5, "cut")
+    t = int(cut.value)
+    assert cut.key == "split.t_zeta" and cut.guarantee.epsilon <= 8.0
+    assert guarantee(float(abar[t - 1]), 8.0, 1, 1e-5).epsilon > 8.0  # one step less misses the budget
+    clip = choose_for_budget(abar, 1000, 200, 0.0, 64, 8.0, 1e-5, "clip")
+    assert clip.key == "train.clip_norm" and clip.guarantee.epsilon == pytest.approx(8.0, rel=1e-3)
+    assert clip.guarantee.epsilon <= 8.0
+    assert "chose train.clip_norm" in clip.describe(8.0)
+
+
+def test_target_epsilon_errors_say_what_to_do(tmp_path: Path) -> None:
+    base = [*sum((["--set", o] for o in TINY), []), "--quiet"]
+    r = run_cli("run", *base, "--target-epsilon", "8", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert r.returncode == 2 and "upload_policy=once" in r.stderr
+    r = run_cli("run", *base, "--set", "train.upload_policy=once", "--target-epsilon", "0.01",
+                "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert r.returncode == 2 and "no cut meets it" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_run_with_a_target_epsilon_uses_the_chosen_clip(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("run", *sum((["--set", o] for o in TINY), []), "--set", "train.upload_policy=once",
+                "--target-epsilon", "5", "--tune", "clip", "--quiet", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "chose train.clip_norm" in r.stdout
+    cfg = config.load(out / "config.toml")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert cfg.train.clip_norm > 0
+    for v in metrics["privacy"]["per_client"].values():
+        assert v["epsilon"] <= 5.0 and v["clip_norm"] == pytest.approx(cfg.train.clip_norm)
+
+
+@pytest.mark.parametrize("mode", ["per_cut", "shared"])
+def test_privacy_verb_on_a_run_with_per_client_cuts(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / "run"
+    r = run_cli("run", *sum((["--set", o] for o in TINY), []), "--set", "split.client_cuts=[10,40,100]",
+                "--set", f"split.server_model=\"{mode}\"", "--quiet", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["client_cuts"] == {"0": 10, "1": 40, "2": 100}
+    ck = sorted((out / "checkpoints").glob("round_*"))[-1]
+    servers = sorted(p.name for p in ck.iterdir() if p.name.startswith("server"))
+    assert servers == (["server_cut_0010", "server_cut_0040"] if mode == "per_cut" else ["server"])
+    r = run_cli("privacy", str(out), "--rounds", "1,4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "privacy.json").read_text())
+    per = res["per_client"]
+    assert [per[c]["t_zeta"] for c in "012"] == [10, 40, 100]
+    assert [row["round"] for row in per["0"]["averaging"]] == [1, 4]
+    assert per["2"]["averaging"] == [] and per["2"]["membership"] is None  # client 2 is alone
+    assert 0 <= per["1"]["membership"]["auc"] <= 1
+    assert per["0"]["guarantee"]["epsilon"] > per["1"]["guarantee"]["epsilon"]  # a larger cut is more private
+    assert (out / "plots" / "averaging_attack.png").stat().st_size > 0
+    assert "membership inference" in r.stdout
+    r = run_cli("privacy", str(out), "--rounds", "0,x", cwd=tmp_path)
+    assert r.returncode == 2 and "--rounds" in r.stderr
