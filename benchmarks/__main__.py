@@ -128,25 +128,31 @@ def bench_candidates(cfg: config.Config, reps: int) -> dict:
             m = m.to(memory_format=torch.channels_last)
             xx = x.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        run = torch.compile(m) if variant == "torch_compile" else m
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_autocast"):
-                loss = F.mse_loss(m(xx, t, class_labels=y).sample.float(), x)
+                loss = F.mse_loss(run(xx, t, class_labels=y).sample.float(), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         return step
 
-    fns = {v: make(v) for v in ("float32", "bf16_autocast", "channels_last")}
+    fns = {v: make(v) for v in ("float32", "bf16_autocast", "channels_last", "torch_compile")}
     times: dict[str, list[float]] = {v: [] for v in fns}
-    for f in fns.values():
+    warmup = {}
+    for v, f in fns.items():
+        start = time.perf_counter()
+        f()  # torch.compile compiles here (forward and backward)
         f()
+        warmup[v] = time.perf_counter() - start
     for _ in range(reps):
         for v, f in fns.items():
             times[v].append(_median_time(f, 1))
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    return {v: {"ms_per_step": 1000 * m, "speedup_over_float32": med["float32"] / m} for v, m in med.items()}
+    return {v: {"ms_per_step": 1000 * m, "speedup_over_float32": med["float32"] / m,
+                "first_two_steps_s": warmup[v]} for v, m in med.items()}
 
 
 def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:

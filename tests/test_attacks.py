@@ -142,3 +142,25 @@ def test_privacy_verb_on_a_run_with_per_client_cuts(tmp_path: Path, mode: str) -
     assert "membership inference" in r.stdout
     r = run_cli("privacy", str(out), "--rounds", "0,x", cwd=tmp_path)
     assert r.returncode == 2 and "--rounds" in r.stderr
+
+
+def test_privacy_study_writes_the_table_into_the_doc(tmp_path: Path) -> None:
+    doc = tmp_path / "privacy.md"
+    doc.write_text("# Privacy\n\n<!-- privacy-study:start -->\nold\n<!-- privacy-study:end -->\n\nafter\n")
+    args = ["privacy-study", "--cuts", "20", "--seeds", "1", "--workers", "2", "--out", "study", "--doc", str(doc),
+            "--quiet", *sum((["--set", o] for o in ["split.T=100", "train.rounds=4", "train.batch_size=8",
+                                                     "train.upload_size=8", "eval.n_per_client=8", "eval.steps=10",
+                                                     "eval.disclosure_images=8"]), [])]
+    r = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("after\n") and text.startswith("# Privacy")
+    for policy in ("| 20 | fresh |", "| 20 | once |", "| 20 | once + clip |"):
+        assert text.count(policy) == 3  # guarantee, attack, membership/quality tables
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "study" / "summary.json").read_text())}
+    assert rows["clip"]["epsilon"] <= 8.0 and rows["clip"]["clip_norm"] < 8
+    assert rows["fresh"]["epsilon"] >= rows["once"]["epsilon"] > 8.0
+    assert (tmp_path / "study" / "plots" / "averaging_attack.png").stat().st_size > 0
+    assert "(plots/" not in text and "study/plots/averaging_attack.png" in text  # relative to the doc
+    other = run_cli(*[a if a != "1" else "2" for a in args], cwd=tmp_path)  # --seeds 2 into the same folder
+    assert other.returncode == 2 and "other settings" in other.stderr

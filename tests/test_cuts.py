@@ -27,7 +27,7 @@ def test_config_checks_the_cuts() -> None:
 
 
 def test_each_client_uploads_at_its_own_cut_and_the_server_checks_it() -> None:
-    exp = build(config.load(None, [*TINY, *CUTS]))
+    exp = build(config.load(None, [*TINY, *CUTS, "split.server_model=\"per_cut\""]))
     assert [c.split.t_zeta for c in exp.clients] == [10, 40, 100]
     assert sorted(exp.server.trainers) == [10, 40]
     ups = [c.make_upload(0) for c in exp.clients]
@@ -36,6 +36,8 @@ def test_each_client_uploads_at_its_own_cut_and_the_server_checks_it() -> None:
     assert len(exp.server.accept(ups[:2])) == 2
     wrong = Upload(0, 0, 40, ups[1].x_t_zeta, ups[0].labels)  # client 0 claims client 1's cut
     assert exp.server.accept([wrong]) == [] and "client's cut is 10" in exp.server.rejected[-1][2]
+    alone = Upload(2, 0, 100, ups[1].x_t_zeta, ups[0].labels)  # client 2 (t_zeta = T) sends nothing
+    assert exp.server.accept([alone]) == [] and "alone" in exp.server.rejected[-1][2]
     before = {k: [p.clone() for p in t.model.parameters()] for k, t in exp.server.trainers.items()}
     exp.server.train_round(ups[:1])  # only the cut-10 model learns from client 0's upload
     changed = {k: any(not torch.equal(a, b) for a, b in zip(before[k], t.model.parameters(), strict=True))
@@ -44,7 +46,7 @@ def test_each_client_uploads_at_its_own_cut_and_the_server_checks_it() -> None:
 
 
 def test_shared_model_trains_every_upload_on_its_own_tail() -> None:
-    exp = build(config.load(None, [*TINY, *CUTS, "split.server_model=\"shared\""]))
+    exp = build(config.load(None, [*TINY, *CUTS]))  # shared is the default
     assert exp.server.shared and list(exp.server.trainers) == [-1]
     trainer = exp.server.trainer
     seen = []

@@ -75,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--report", dest="report_dir", help="where to write report.md and plots (default: the sweep folder)")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    ps = sub.add_parser("privacy-study", help="train, evaluate and attack each upload policy at several cuts: the "
+                                              "table of docs/privacy.md")
+    ps.add_argument("config", nargs="?", help="TOML config (default: the digits study, configs/digits-study.toml)")
+    ps.add_argument("--cuts", default=None, help="comma-separated t_zeta values (default 100,200,500)")
+    ps.add_argument("--seeds", type=int, default=2, help="seeds per setting (default 2)")
+    ps.add_argument("--target-epsilon", type=float, default=8.0, metavar="EPS",
+                    help="epsilon that sets the clip norm of the 'once + clip' policy (default 8)")
+    ps.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key for every run")
+    ps.add_argument("--workers", type=int, default=None, help="runs at once, one thread each (default: CPU cores)")
+    ps.add_argument("--out", help="study folder (default: runs/privacy-study-<date>-<time>); an existing one is "
+                                  "continued")
+    ps.add_argument("--report", dest="report_dir", help="where to write report.md and plots (default: the study "
+                                                        "folder)")
+    ps.add_argument("--doc", help="a Markdown file whose privacy-study markers get the table (docs/privacy.md)")
+    ps.add_argument("--quiet", action="store_true", help="no progress bars")
+
     rp = sub.add_parser("report", help="plots and a Markdown report of a sweep folder")
     rp.add_argument("sweep_dir", help="a folder written by 'collafuse sweep'")
     rp.add_argument("--out", help="where to write report.md and plots (default: the sweep folder)")
@@ -84,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import config
     from .engines.local import run
-    from .split import describe_cut
+    from .split import describe_cuts
 
     cfg = config.load(args.config, args.overrides)
     if args.target_epsilon is not None:
@@ -96,7 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         stem = cfg.run.name or (Path(args.config).stem if args.config else "digits")
         out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(describe_cut(cfg.split.t_zeta, cfg.split.T))
+    print(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
     print(f"run folder: {out}")
     metrics = run(cfg, out, resume=args.resume, progress=not args.quiet)
     tr, sp = metrics["train"], metrics["sampling"]
@@ -120,7 +137,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _meet_budget(cfg, target: float, tune: str):
     """Set the cut or the clip norm that meets ``--target-epsilon``, and say what was chosen."""
     from . import config
-    from .data import load_federated
+    from .data import load_section
     from .errors import ConfigError
     from .privacy import choose_for_budget
     from .schedule import NoiseSchedule
@@ -130,9 +147,7 @@ def _meet_budget(cfg, target: float, tune: str):
                           "new noisy copies, so epsilon grows with training and no cut keeps it bounded")
     if cfg.split.client_cuts:
         raise ConfigError("--target-epsilon sets one cut for every client: leave split.client_cuts empty")
-    d = cfg.data
-    data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels,
-                          d.partition, d.num_clients, d.alpha)
+    data = load_section(cfg.data)
     sp = cfg.split
     abar = NoiseSchedule.from_name(sp.schedule, sp.T, sp.beta_start, sp.beta_end).abar
     choice = choose_for_budget(abar, sp.T, sp.t_zeta, cfg.train.clip_norm, data.channels * data.image_size ** 2,
@@ -224,6 +239,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_privacy_study(args: argparse.Namespace) -> int:
+    from . import privacy_study
+
+    out = privacy_study.run_study(args.config, cuts=args.cuts, seeds=args.seeds, target_epsilon=args.target_epsilon,
+                                  overrides=args.overrides, workers=args.workers,
+                                  out=Path(args.out) if args.out else None, progress=not args.quiet)
+    report = privacy_study.report(out, Path(args.report_dir) if args.report_dir else None,
+                                  Path(args.doc) if args.doc else None)
+    print(f"done: {report}" + (f"; table written into {args.doc}" if args.doc else ""))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import study
 
@@ -237,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="collafuse: %(levelname)s: %(message)s")
     try:
         return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep,
-                "report": _cmd_report, "privacy": _cmd_privacy}[args.verb](args)
+                "report": _cmd_report, "privacy": _cmd_privacy,
+                "privacy-study": _cmd_privacy_study}[args.verb](args)
     except CollafuseError as exc:
         if args.debug:
             raise

@@ -38,6 +38,9 @@ class DataSection:
     alpha: float = 0.5  # Dirichlet concentration
     image_size: int = 0  # folder data: resize and centre-crop to this size (0 = keep)
     channels: int = 0  # folder data: 1 gray, 3 RGB, 0 = decide from the images
+    attributes: list[list[str]] = field(default_factory=list)  # CelebA attribute clients (empty: the paper's five)
+    train_per_client: int = 0  # draw this many training images per client with data.seed (0: all)
+    test_per_client: int = 0  # and this many held-out images (0: all)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class SplitSection:
     beta_end: float = 0.02
     t_zeta: int = 200
     client_cuts: list[int] = field(default_factory=list)  # one t_zeta per client; empty: every client at t_zeta
-    server_model: str = "per_cut"  # with differing cuts: one tail model per cut, or one "shared" model
+    server_model: str = "shared"  # with differing cuts: one model for all cuts, or one tail model "per_cut"
 
 
 @dataclass
@@ -130,8 +133,14 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "split.server_model": (lambda v, c: v in ("per_cut", "shared"), "'per_cut' or 'shared'"),
     "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
     "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
-    "data.name": (lambda v, c: v in ("digits", "cifar10", "folder"), "'digits', 'cifar10' or 'folder'"),
-    "data.partition": (lambda v, c: v in ("class", "dirichlet", "iid"), "'class', 'dirichlet' or 'iid'"),
+    "data.name": (lambda v, c: v in ("digits", "cifar10", "celeba", "awa2", "folder"),
+                  "'digits', 'cifar10', 'celeba', 'awa2' or 'folder'"),
+    "data.partition": (lambda v, c: v in ("class", "dirichlet", "iid", "attributes"),
+                       "'class', 'dirichlet', 'iid' or 'attributes' (CelebA)"),
+    "data.attributes": (lambda v, c: all(len(g) >= 1 for g in v),
+                        "a list of non-empty lists of CelebA attribute names, e.g. [[\"Bald\"], [\"Eyeglasses\"]]"),
+    "data.train_per_client": (lambda v, c: v >= 0, "an integer >= 0 (0: all)"),
+    "data.test_per_client": (lambda v, c: v >= 0, "an integer >= 0 (0: all)"),
     "data.num_clients": (lambda v, c: v >= 1, "an integer >= 1"),
     "data.alpha": (lambda v, c: v > 0, "> 0"),
     "data.image_size": (lambda v, c: v >= 0, "an integer >= 0 (0 = the images' own size)"),

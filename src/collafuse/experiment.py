@@ -14,7 +14,7 @@ from torch import Tensor
 from .aggregation import share_initial_weights
 from .client import UPLOAD_POLICIES, Client
 from .config import Config
-from .data import FederatedData, load_federated
+from .data import FederatedData, load_section
 from .errors import ConfigError, DataError
 from .faults import kill_point
 from .models import Denoiser, build_unet
@@ -79,9 +79,7 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if data is None:
-        d = cfg.data
-        data = load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels,
-                              d.partition, d.num_clients, d.alpha)
+        data = load_section(cfg.data)
     for c in data.clients:
         if len(c.train_x) < cfg.train.batch_size:
             raise DataError(f"client {c.cid} has {len(c.train_x)} training images, fewer than train.batch_size = "

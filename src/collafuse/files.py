@@ -30,6 +30,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def cache_dir() -> Path:
+    """``$COLLAFUSE_CACHE``, else ``$XDG_CACHE_HOME/collafuse``, else ``~/.cache/collafuse``."""
+    if os.environ.get("COLLAFUSE_CACHE"):
+        return Path(os.environ["COLLAFUSE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "collafuse"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -113,6 +113,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         "",
         metrics["cut"],
         "",
+        f"- server: {metrics.get('server_model', 'one tail model')}",
         f"- data: {metrics['data']['name']}, {len(metrics['data']['clients'])} clients "
         + "; ".join(f"client {c['client']}: classes {c['classes']}, {c['train']} train / {c['test']} test"
                     for c in metrics["data"]["clients"]),
@@ -137,8 +138,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
                   + ", ".join(f"client {c} {v:.0%}" for c, v in la["per_client"].items()) + "."]
     lines += [
         "",
-        f"Sampling ({sp['sampler']}): {sp['server_evals_per_image']} server and {sp['client_evals_per_image']} "
-        f"client network evaluations per image; {_fmt(sp['seconds_per_image'])} s per image "
+        f"Sampling ({sp['sampler']}): {sp['server_evals_per_image']:.4g} server and "
+        f"{sp['client_evals_per_image']:.4g} client network evaluations per image; "
+        f"{_fmt(sp['seconds_per_image'])} s per image "
         f"(server {_fmt(sp['server_seconds_per_image'])}, client {_fmt(sp['client_seconds_per_image'])}).",
         "",
         "## Samples (each client's own grid)",

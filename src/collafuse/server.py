@@ -68,6 +68,8 @@ class Server:
         if upload.client_id not in self.client_ids:
             raise UploadRejected(f"{who}: unknown client id")
         cut = self.cuts[upload.client_id]
+        if cut >= self.split.T:
+            raise UploadRejected(f"{who}: the client's cut is T = {cut}, so it is alone and sends nothing")
         if upload.t_zeta != cut:
             raise UploadRejected(f"{who}: made at t_zeta = {upload.t_zeta}, the client's cut is {cut}")
         x = upload.x_t_zeta

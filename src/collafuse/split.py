@@ -43,6 +43,14 @@ def describe_cut(t_zeta: int, T: int) -> str:
             f"each client steps {t_zeta}..1.")
 
 
+def describe_cuts(t_zeta: int, T: int, client_cuts: list[int] | None = None) -> str:
+    """:func:`describe_cut`, or each client's cut when the clients chose different ones."""
+    if not client_cuts or len(set(client_cuts)) == 1:
+        return describe_cut(client_cuts[0] if client_cuts else t_zeta, T)
+    return ("clients choose their own cuts: " + ", ".join(f"client {c} t_zeta = {t}" for c, t in enumerate(client_cuts))
+            + f" of T = {T}; the server serves each from its own cut")
+
+
 @dataclass(frozen=True)
 class Split:
     """A schedule cut at t_zeta into the client's chain and the server's tail chain."""

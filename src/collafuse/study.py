@@ -79,34 +79,97 @@ def plan(base: config_mod.Config, cuts: list[int], seeds: int, fedavg: bool) -> 
     return [(name, seed, d) for _, name, seed, d in jobs]
 
 
-def _run_one(cfg_dict: dict, run_dir: str) -> dict[str, Any]:
-    """One run of the sweep, in a worker process: train (or resume), sample, evaluate."""
+def _run_one(cfg_dict: dict, run_dir: str, privacy: bool = False) -> None:
+    """One run of a study, in a worker process: train (or resume), sample, evaluate (and attack, if asked)."""
     import torch
 
+    from . import checkpoint
+    from .attacks import assess
     from .engines.local import finish_run, prepare_run_dir, train
     from .experiment import build
     from .metrics.evaluate import evaluate
 
     path = Path(run_dir)
-    if (path / "eval.json").exists():
-        return json.loads((path / "eval.json").read_text())
+    done_eval = (path / "eval.json").exists()
+    if done_eval and (not privacy or (path / "privacy.json").exists()):
+        return
     cfg = config_mod.from_dict(cfg_dict)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     exp = build(cfg)
-    resume = (path / "config.toml").exists()
-    prepare_run_dir(path, cfg, resume)
-    start = time.perf_counter()
-    history = train(exp, path, resume=resume, progress=False)
-    finish_run(exp, path, history, time.perf_counter() - start, progress=False)
-    return evaluate(exp, path)
+    if done_eval:  # only the attacks are missing: load the finished models
+        checkpoint.load(checkpoint.latest(path), exp)
+    else:
+        resume = (path / "config.toml").exists()
+        prepare_run_dir(path, cfg, resume)
+        start = time.perf_counter()
+        history = train(exp, path, resume=resume, progress=False)
+        finish_run(exp, path, history, time.perf_counter() - start, progress=False)
+        evaluate(exp, path)
+    if privacy:
+        assess(exp, path)
+
+
+def execute(jobs: list[tuple[str, int, dict]], out: Path, workers: int, progress: bool,
+            privacy: bool = False) -> None:
+    """Run every (setting, seed, config) job into out/setting/seed_S, ``workers`` at a time; raise if any failed."""
+    from tqdm.auto import tqdm
+
+    failures = []
+    bar = tqdm(total=len(jobs), desc="runs", unit="run", disable=not progress)
+    if workers == 1:
+        for name, seed, d in jobs:
+            try:
+                _run_one(d, str(out / name / f"seed_{seed}"), privacy)
+            except CollafuseError as exc:
+                failures.append(f"{name}/seed_{seed}: {exc}")
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, d, str(out / name / f"seed_{seed}"), privacy): f"{name}/seed_{seed}"
+                       for name, seed, d in jobs}
+            for fut in as_completed(futures):
+                try:
+                    fut.result()
+                except Exception as exc:  # a failed run must not stop the others; reported below
+                    failures.append(f"{futures[fut]}: {exc}")
+                bar.update(1)
+                bar.set_postfix_str(futures[fut], refresh=False)
+    bar.close()
+    if failures:
+        raise CollafuseError(f"{len(failures)} of {len(jobs)} runs failed (first: {failures[0]}); "
+                             f"repeat the command to retry them")
+
+
+def resolve_workers(workers: int | None) -> int:
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give at least 1")
+    return workers
+
+
+def check_meta(meta_path: Path, meta: dict, keys: tuple[str, ...]) -> None:
+    """Refuse to continue a study folder made with other settings (threads may differ between machines)."""
+    if not meta_path.exists():
+        return
+    old = json.loads(meta_path.read_text())
+    for key in keys:
+        old_v, new_v = old.get(key), meta[key]
+        if key == "config":
+            old_v = {**old_v, "engine": None}
+            new_v = {**new_v, "engine": None}
+        if old_v != new_v:
+            raise CollafuseError(f"{meta_path.parent} holds a study with other settings ({key} differs); "
+                                 f"choose another --out or repeat the original command")
+    meta["seconds_before"] = old.get("seconds", 0.0)
 
 
 def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg: bool = True,
           overrides: list[str] = (), workers: int | None = None, quick: bool = False, out: Path | None = None,
           progress: bool = True) -> Path:
     """Run every setting of the study into ``out`` (continuing it if it exists); returns ``out``."""
-    from tqdm.auto import tqdm
 
     overrides = list(overrides)
     if config is None:
@@ -118,10 +181,10 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg
     if not any(o.strip().startswith("sample.") for o in overrides):
         # the run's own grids use the evaluation's sampler: DDPM-1000 for every run would dominate the sweep
         base.sample.sampler, base.sample.steps = base.eval.sampler, base.eval.steps
+    if base.split.client_cuts:
+        raise ConfigError("a sweep sets one cut per run: leave split.client_cuts empty")
     cut_list = parse_cuts(cuts, base.split.T, quick)
-    workers = workers or min(4, os.cpu_count() or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers {workers}: give at least 1")
+    workers = resolve_workers(workers)
     if workers > 1:
         base.engine.threads = 1  # several PyTorch processes with several threads each slow each other down
     jobs = plan(base, cut_list, seeds, fedavg)
@@ -132,48 +195,15 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg
     meta_path = out / "sweep.json"
     meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "fedavg": fedavg, "quick": quick,
             "command": "collafuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        for key in ("config", "cuts", "seeds", "fedavg"):
-            old_v, new_v = old.get(key), meta[key]
-            if key == "config":  # threads may differ between machines
-                old_v = {**old_v, "engine": None}
-                new_v = {**new_v, "engine": None}
-            if old_v != new_v:
-                raise CollafuseError(f"{out} holds a sweep with other settings ({key} differs); "
-                                     f"choose another --out or repeat the original command")
-        meta["seconds_before"] = old.get("seconds", 0.0)
+    check_meta(meta_path, meta, ("config", "cuts", "seeds", "fedavg"))
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(meta_path, json.dumps(meta, indent=1))
     start = time.perf_counter()
-    failures = []
-    bar = tqdm(total=len(jobs), desc="sweep", unit="run", disable=not progress)
-    if workers == 1:
-        for name, seed, d in jobs:
-            try:
-                _run_one(d, str(out / name / f"seed_{seed}"))
-            except CollafuseError as exc:
-                failures.append(f"{name}/seed_{seed}: {exc}")
-            bar.update(1)
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, d, str(out / name / f"seed_{seed}")): f"{name}/seed_{seed}"
-                       for name, seed, d in jobs}
-            for fut in as_completed(futures):
-                try:
-                    fut.result()
-                except Exception as exc:  # a failed run must not stop the others; reported below
-                    failures.append(f"{futures[fut]}: {exc}")
-                bar.update(1)
-                bar.set_postfix_str(futures[fut], refresh=False)
-    bar.close()
-    meta["seconds"] = meta.get("seconds_before", 0.0) + time.perf_counter() - start
-    write_text_atomic(meta_path, json.dumps(meta, indent=1))
-    if failures:
-        raise CollafuseError(f"{len(failures)} of {len(jobs)} runs failed (first: {failures[0]}); "
-                             f"repeat the command to retry them")
+    try:
+        execute(jobs, out, workers, progress)
+    finally:
+        meta["seconds"] = meta.get("seconds_before", 0.0) + time.perf_counter() - start
+        write_text_atomic(meta_path, json.dumps(meta, indent=1))
     return out
 
 

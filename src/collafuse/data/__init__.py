@@ -1,5 +1,5 @@
 """Datasets and their partition into clients."""
 
-from .base import ClientData, FederatedData, load_federated
+from .base import ClientData, FederatedData, load_federated, load_section
 
-__all__ = ["ClientData", "FederatedData", "load_federated"]
+__all__ = ["ClientData", "FederatedData", "load_federated", "load_section"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ class FederatedData:
     num_classes: int
     channels: int
     image_size: int
+    partition: list[dict] | None = None  # per client, the training and held-out images (ids or file names)
 
     def describe(self) -> list[dict]:
         return [{"client": c.cid, "classes": c.classes, "train": len(c.train_x), "test": len(c.test_x)}
@@ -99,8 +101,19 @@ def train_test(pool: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.ra
 def load_federated(
     name: str, clients: list[list[int]], test_fraction: float, seed: int, root: str = "", image_size: int = 0,
     channels: int = 0, partition: str = "class", num_clients: int = 3, alpha: float = 0.5,
+    attributes: list[list[str]] | None = None, train_per_client: int = 0, test_per_client: int = 0,
 ) -> FederatedData:
-    """Load dataset ``name`` and partition it into clients (by class groups, Dirichlet(alpha) or IID)."""
+    """Load dataset ``name`` and partition it into clients.
+
+    Partitions: by class groups, Dirichlet(alpha), IID, or (CelebA) by attributes. ``train_per_client`` and
+    ``test_per_client`` (0: all) draw fixed-size subsets with the seed. CelebA and AwA2 are partitioned before
+    anything is decoded, and only the images that clients use are decoded (into the memory-mapped cache).
+    """
+    rng = np.random.RandomState(seed)
+    if name == "celeba":
+        return _celeba(root, image_size, channels, partition, num_clients, attributes, train_per_client,
+                       test_per_client, rng)
+    files: list[Path] | None = None
     if name == "digits":
         from .digits import load_digits_images
 
@@ -117,9 +130,15 @@ def load_federated(
         if channels not in (0, 3):
             raise DataError("data.channels must be 0 or 3 for CIFAR-10 (RGB)")
         x, y = load_cifar10_images(root, image_size)
+    elif name == "awa2":
+        from .awa2 import index_awa2
+
+        if channels not in (0, 3):
+            raise DataError("data.channels must be 0 or 3 for AwA2 (RGB)")
+        files, y, *_ = index_awa2(root)
+        x = None
     else:
-        raise DataError(f"data.name = {name!r} is unknown: use 'digits', 'cifar10' or 'folder'")
-    rng = np.random.RandomState(seed)
+        raise DataError(f"data.name = {name!r} is unknown: use one of {', '.join(DATASETS)}")
     if partition == "class":
         pools = partition_by_class(y, clients)
     elif partition == "iid":
@@ -127,13 +146,87 @@ def load_federated(
     elif partition == "dirichlet":
         pools = partition_dirichlet(y, num_clients, alpha, rng)
     else:
-        raise DataError(f"data.partition = {partition!r} is unknown: use 'class', 'dirichlet' or 'iid'")
-    fed = []
+        raise DataError(f"data.partition = {partition!r} does not apply to {name}: use 'class', 'dirichlet' or 'iid'")
+    splits = []
     for i, pool in enumerate(pools):
         tr, te = train_test(pool, y, test_fraction, rng)
-        fed.append(ClientData(i, torch.from_numpy(x[tr]).float(), torch.from_numpy(y[tr]).long(),
-                              torch.from_numpy(x[te]).float(), torch.from_numpy(y[te]).long()))
+        splits.append((_cap(tr, train_per_client, rng, f"client {i} training images"),
+                       _cap(te, test_per_client, rng, f"client {i} held-out images")))
+    if x is None:  # decode only what the clients use
+        from .images import decode, to_float
+
+        used = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
+        x = to_float(decode([files[j] for j in used], image_size, 3))
+        splits = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in splits]
+        y_used = y[used]
+        ids = [[files[j].name for j in used[idx]] for s in splits for idx in s]
+    else:
+        y_used = y
+        ids = [idx.tolist() for s in splits for idx in s]
+    return _assemble(name, x, y_used, splits, int(y.max()) + 1, ids)
+
+
+DATASETS = ("digits", "cifar10", "celeba", "awa2", "folder")
+
+
+def _cap(idx: np.ndarray, n: int, rng: np.random.RandomState, what: str) -> np.ndarray:
+    if n == 0:
+        return idx
+    if n > len(idx):
+        raise DataError(f"{what}: {n} asked, but the client has only {len(idx)}; lower data.train_per_client / "
+                        f"data.test_per_client")
+    return np.sort(rng.choice(idx, n, replace=False))
+
+
+def _assemble(name: str, x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
+              num_classes: int, ids: list[list]) -> FederatedData:
+    fed = []
+    for i, (tr, te) in enumerate(splits):
+        fed.append(ClientData(i, torch.from_numpy(np.ascontiguousarray(x[tr])).float(), torch.from_numpy(y[tr]).long(),
+                              torch.from_numpy(np.ascontiguousarray(x[te])).float(), torch.from_numpy(y[te]).long()))
     for c in fed:
         if len(c.train_x) == 0:
             raise DataError(f"client {c.cid} has no training images: lower data.test_fraction or give it more classes")
-    return FederatedData(name, fed, num_classes=int(y.max()) + 1, channels=x.shape[1], image_size=x.shape[2])
+        if len(c.test_x) == 0:
+            raise DataError(f"client {c.cid} has no held-out images: raise data.test_fraction or give it more data")
+    part = [{"client": i, "train": ids[2 * i], "test": ids[2 * i + 1]} for i in range(len(splits))]
+    return FederatedData(name, fed, num_classes=num_classes, channels=x.shape[1], image_size=x.shape[2],
+                         partition=part)
+
+
+def _celeba(root: str, image_size: int, channels: int, partition: str, num_clients: int,
+            attributes: list[list[str]] | None, train_n: int, test_n: int, rng: np.random.RandomState
+            ) -> FederatedData:
+    from .celeba import PAPER_CLIENTS, attribute_pools, draw, index_celeba
+    from .images import decode, to_float
+
+    if channels not in (0, 3):
+        raise DataError("data.channels must be 0 or 3 for CelebA (RGB)")
+    files, names, attrs, split = index_celeba(root)
+    if partition == "attributes":
+        pools = attribute_pools(names, attrs, attributes or PAPER_CLIENTS)
+    elif partition == "iid":
+        pools = partition_iid(len(files), num_clients, rng)
+    else:
+        raise DataError(f"data.partition = {partition!r} does not apply to CelebA: use 'attributes' (the paper's "
+                        f"clients) or 'iid'")
+    splits = [(draw(p, split, (0,), train_n, rng, f"client {i} training images"),
+               draw(p, split, (2,), test_n, rng, f"client {i} held-out images")) for i, p in enumerate(pools)]
+    used = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
+    x = to_float(decode([files[j] for j in used], image_size, 3))
+    # the label of an image is its client's group: the server is conditioned on the client's attributes
+    y = np.zeros(len(used), dtype=np.int64)
+    local = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in splits]
+    ids = [[files[j].name for j in used[idx]] for s in local for idx in s]
+    fed = _assemble("celeba", x, y, local, len(pools) if partition == "attributes" else 1, ids)
+    if partition == "attributes":
+        for c in fed.clients:
+            c.train_y.fill_(c.cid)
+            c.test_y.fill_(c.cid)
+    return fed
+
+
+def load_section(d) -> FederatedData:
+    """:func:`load_federated` with the keys of a config's [data] section."""
+    return load_federated(d.name, d.clients, d.test_fraction, d.seed, d.root, d.image_size, d.channels, d.partition,
+                          d.num_clients, d.alpha, d.attributes, d.train_per_client, d.test_per_client)

@@ -78,8 +78,8 @@ def load_cifar10_images(root: str, image_size: int = 0) -> tuple[np.ndarray, np.
     if image_size and image_size != 32:
         from PIL import Image
 
-        from .folder import _resize_crop
+        from .images import resize_crop
 
-        data = np.stack([np.asarray(_resize_crop(Image.fromarray(im.transpose(1, 2, 0)), image_size))
+        data = np.stack([np.asarray(resize_crop(Image.fromarray(im.transpose(1, 2, 0)), image_size))
                          .transpose(2, 0, 1) for im in data])
     return data.astype(np.float32) / 127.5 - 1.0, labels

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .images import decode, open_image, resize_crop, to_float
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -31,8 +32,6 @@ def load_folder_images(root: str, image_size: int = 0, channels: int = 0) -> tup
     size, which must then be one square size for all. ``channels`` 1 is grayscale, 3 is RGB (an
     alpha channel is composited on black), 0 picks 1 if every image is grayscale, else 3.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not root:
         raise DataError("data.root is empty: give the folder of images (one sub-folder per class, or flat)")
     path = Path(root).expanduser()
@@ -42,18 +41,9 @@ def load_folder_images(root: str, image_size: int = 0, channels: int = 0) -> tup
     files, labels, names = _files(path)
     if not files:
         raise DataError(f"data.root = {root} holds no images ({', '.join(sorted(EXTENSIONS))})")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                if im.mode in ("RGBA", "LA", "P"):
-                    im = im.convert("RGBA")
-                    bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(bg, im)
-                images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{f} is not a readable image ({exc.__class__.__name__}): remove or replace it") from exc
+    if image_size and channels:  # everything is known up front: decode once into the memory-mapped cache
+        return to_float(decode(files, image_size, channels)), np.asarray(labels, dtype=np.int64), names
+    images = [open_image(f) for f in files]
     if channels == 0:
         gray = all(im.mode == "L" or _is_gray(im) for im in images)
         channels = 1 if gray else 3
@@ -61,7 +51,7 @@ def load_folder_images(root: str, image_size: int = 0, channels: int = 0) -> tup
     first = images[0].size
     for f, im in zip(files, images, strict=True):
         if image_size:
-            im = _resize_crop(im, image_size)
+            im = resize_crop(im, image_size)
         elif im.size != first or im.size[0] != im.size[1]:
             raise DataError(f"images have mixed or non-square sizes ({first[0]}x{first[1]} in {files[0].name}, "
                             f"{im.size[0]}x{im.size[1]} in {f.name}): set data.image_size to resize them")
@@ -73,14 +63,3 @@ def load_folder_images(root: str, image_size: int = 0, channels: int = 0) -> tup
 def _is_gray(im) -> bool:
     arr = np.asarray(im.convert("RGB"))
     return bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
-
-
-def _resize_crop(im, size: int):
-    from PIL import Image
-
-    w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))

@@ -21,7 +21,7 @@ from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
-from ..split import describe_cut
+from ..split import describe_cuts
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     client_secs = sum(out["client_seconds"].values())
     upload_bytes = [b for h in history for b in h["upload_bytes"]]
     metrics = {
-        "t_zeta": exp.split.t_zeta, "T": exp.split.T, "cut": describe_cuts(exp),
+        "t_zeta": exp.split.t_zeta, "T": exp.split.T,
+        "cut": describe_cuts(exp.split.t_zeta, exp.split.T, list(exp.cuts.values())),
         "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "server_model": server_model(exp),
         "signal_at_cut": signal, "noise_at_cut": noise,
         "data": {"name": exp.data.name, "clients": exp.data.describe()},
@@ -180,15 +181,6 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     write_report(run_dir, metrics)
     return metrics
-
-
-def describe_cuts(exp: Experiment) -> str:
-    """What the cut means, or each client's cut when they differ."""
-    cuts = exp.cuts
-    if len(set(cuts.values())) == 1:
-        return describe_cut(exp.split.t_zeta, exp.split.T)
-    return ("clients choose their own cuts: " + ", ".join(f"client {c} t_zeta = {t}" for c, t in cuts.items())
-            + f" of T = {exp.split.T}")
 
 
 def server_model(exp: Experiment) -> str:
@@ -224,7 +216,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = Tr
     run_dir = Path(run_dir)
     exp = build(cfg)  # data and config problems surface before anything is written
     prepare_run_dir(run_dir, cfg, resume)
-    log.info(describe_cuts(exp))
+    if exp.data.partition is not None and not (run_dir / "partition.json").exists():
+        write_text_atomic(run_dir / "partition.json", json.dumps(exp.data.partition))
+    log.info(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
     start = time.perf_counter()
     history = train(exp, run_dir, resume=resume, progress=progress)
     return finish_run(exp, run_dir, history, time.perf_counter() - start, progress=progress)

@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..files import write_bytes_atomic
+from ..files import cache_dir, write_bytes_atomic
 
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # what TF-FID's Inception sees: uint8 / 128 - 1
-
-
-def cache_dir() -> Path:
-    """``$COLLAFUSE_CACHE``, else ``$XDG_CACHE_HOME/collafuse``, else ``~/.cache/collafuse``."""
-    if os.environ.get("COLLAFUSE_CACHE"):
-        return Path(os.environ["COLLAFUSE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "collafuse"
 
 
 def digest(*parts: object) -> str:
