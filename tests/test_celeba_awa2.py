@@ -160,3 +160,40 @@ def test_damaged_awa2_gives_a_clear_error(tmp_path: Path, damage: str, words: st
         (root / "classes.txt").unlink()
     with pytest.raises(DataError, match=words):
         load_federated("awa2", [[0, 1], [2, 3]], 0.25, 0, str(root), 8)
+
+
+def test_conditioning_on_attribute_vectors(tmp_path: Path) -> None:
+    import torch
+
+    from collafuse.client import Upload
+    from collafuse.experiment import build
+    from collafuse.models import Denoiser, build_unet
+
+    root = write_celeba(tmp_path / "celeba")
+    cfg = config.load("configs/celeba-cpu.toml", [f"data.root=\"{root}\"", *TINY, *SMALL,
+                                                  "model.condition=\"attributes\""])
+    metrics = run(cfg, tmp_path / "run", progress=False)
+    assert metrics["label_agreement"] is None  # labels are not what the samples were asked for
+    exp = build(cfg)
+    up = exp.clients[0].make_upload(0)
+    assert up.labels.dtype == torch.float32 and up.labels.shape == (8, 40)
+    # the vectors sent are those of the images uploaded: each has one of client 0's attributes
+    cols = [CELEBA_ATTRS.index(a) for a in PAPER_CLIENTS[0]]
+    assert bool((up.labels[:, cols].sum(1) > 0).all())
+    assert len(exp.server.accept([up])) == 1
+    bad = Upload(0, 0, up.t_zeta, up.x_t_zeta, up.labels * 2)
+    assert exp.server.accept([bad]) == [] and "only 0 and 1" in exp.server.rejected[-1][2]
+    # the projection is saved beside the diffusers folder and loads back; the conditions change the output
+    model = Denoiser(build_unet("tiny", 8, 3, None, 100, 40), None, 0.1, 40)
+    model.save(tmp_path / "m")
+    again = Denoiser(build_unet("tiny", 8, 3, None, 100, 40), None, 0.1, 40)
+    again.load_weights(tmp_path / "m")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 50])
+    a = torch.zeros(2, 40)
+    a[0, 3] = 1
+    torch.testing.assert_close(model(x, t, a), again(x, t, a))
+    assert not torch.allclose(model(x, t, a), model(x, t, torch.ones(2, 40)))
+    torch.testing.assert_close(model(x, t), model(x, t, model.null(2)))
+    assert model.guided(x, t, a, 2.0).shape == x.shape
+    with pytest.raises(Exception, match="attribute vectors"):
+        build(config.load(None, [*TINY, "model.condition=\"attributes\""]))  # the digits have none

@@ -79,11 +79,12 @@ def posterior_mean(split: Split, eps_fn: Any, x_t: Tensor, t: int) -> Tensor:
 
 def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
                      rounds: list[int], seed: int, denoiser: Trainer | None = None,
-                     conditional: bool = True) -> list[dict[str, Any]]:
+                     conditions: Tensor | None = None) -> list[dict[str, Any]]:
     """The averaging attack on ``data.test_x`` uploaded by ``policy`` for up to ``max(rounds)`` rounds.
 
     ``upload_size`` is the run's per-round upload; the held-out pool uploads in proportion to its size, so
-    that every image is sent as often as a training image of the run. Returns one row per checkpoint.
+    that every image is sent as often as a training image of the run. ``conditions``: what the denoiser is
+    conditioned on for each held-out image (None: unconditional). Returns one row per checkpoint.
     """
     from .metrics.evaluate import psnr, ssim
 
@@ -126,7 +127,7 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
                "psnr": float(psnr(x0_plain, truth).mean()), "ssim": float(ssim(x0_plain, truth).mean())}
         if denoiser is not None and split.client_active:
             x0_hat = torch.empty_like(truth)
-            labels = pool.train_y[seen] if conditional else None
+            labels = None if conditions is None else conditions[seen]
             for k in torch.unique(distinct).tolist():
                 sel = distinct == k
                 t_eq = equivalent_t(split, float(k))
@@ -179,7 +180,8 @@ def loss_scores(trainer: Trainer, split: Split, x0: Tensor, y: Tensor | None, *,
 
 
 def membership_inference(trainer: Trainer | None, split: Split, data: ClientData, *, conditional: bool,
-                         n: int = 256, draws: int = 16, seed: int = 0, bootstrap: int = 200) -> dict[str, Any] | None:
+                         n: int = 256, draws: int = 16, seed: int = 0, bootstrap: int = 200,
+                         attributes: bool = False) -> dict[str, Any] | None:
     """Loss-based membership inference against the server's model: training vs held-out images of a client."""
     if trainer is None or not split.server_active:
         return None
@@ -187,10 +189,10 @@ def membership_inference(trainer: Trainer | None, split: Split, data: ClientData
     k = min(n, len(data.train_x), len(data.test_x))
     mi = torch.from_numpy(rng.choice(len(data.train_x), k, replace=False))
     mo = torch.from_numpy(rng.choice(len(data.test_x), k, replace=False))
-    s_in = loss_scores(trainer, split, data.train_x[mi], data.train_y[mi] if conditional else None,
-                       draws=draws, seed=seed)
-    s_out = loss_scores(trainer, split, data.test_x[mo], data.test_y[mo] if conditional else None,
-                        draws=draws, seed=seed)
+    s_in = loss_scores(trainer, split, data.train_x[mi], data.conditions("train", mi, attributes) if conditional
+                       else None, draws=draws, seed=seed)
+    s_out = loss_scores(trainer, split, data.test_x[mo], data.conditions("test", mo, attributes) if conditional
+                        else None, draws=draws, seed=seed)
     auc = roc_auc(s_in, s_out)
     boots = [roc_auc(s_in[rng.integers(0, k, k)], s_out[rng.integers(0, k, k)]) for _ in range(bootstrap)]
     return {"auc": auc, "auc_sd": float(np.std(boots, ddof=1)), "members": k, "non_members": k, "draws": draws,
@@ -225,9 +227,10 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
             # a fresh policy object: the client's own holds the noised copies of its training images
             "averaging": averaging_attack(c.data, split, make_policy(cfg, c.cid), upload_size=cfg.train.upload_size,
                                           rounds=rounds, seed=cfg.eval.seed + c.cid, denoiser=c.trainer,
-                                          conditional=c.conditional),
+                                          conditions=c.condition("test")),
             "membership": membership_inference(exp.server.trainer_for(c.cid), split, c.data,
-                                               conditional=c.conditional, seed=cfg.eval.seed + c.cid),
+                                               conditional=c.conditional, seed=cfg.eval.seed + c.cid,
+                                               attributes=c.attributes),
         }
         per[str(c.cid)] = entry
     result = {"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm, "rounds": rounds,

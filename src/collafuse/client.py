@@ -111,7 +111,7 @@ class Client:
 
     def __init__(self, data: ClientData, split: Split, trainer: Trainer | None, *, batch_size: int,
                  upload_size: int, upload_dtype: str = "float32", conditional: bool = True,
-                 policy: FreshNoise | NoiseOnce | None = None, seed: int = 0) -> None:
+                 attributes: bool = False, policy: FreshNoise | NoiseOnce | None = None, seed: int = 0) -> None:
         self.data = data
         self.cid = data.cid
         self.split = split
@@ -120,6 +120,7 @@ class Client:
         self.upload_size = upload_size
         self.upload_dtype = UPLOAD_DTYPES[upload_dtype]
         self.conditional = conditional
+        self.attributes = attributes  # condition on multi-hot attribute vectors instead of class labels
         self.policy = policy or FreshNoise()
         # the stream for uploads is separate from training's so that both are reproducible alone
         self.upload_generator = torch.Generator().manual_seed(seed)
@@ -134,7 +135,7 @@ class Client:
         losses = []
         for _ in range(steps):
             idx = torch.randint(0, len(self.data.train_x), (self.batch_size,), generator=self.trainer.generator)
-            y = self.data.train_y[idx] if self.conditional else None
+            y = self.condition("train", idx)
             losses.append(self.trainer.step(self.split.client_chain, self.data.train_x[idx], y,
                                             where=f"in round {round_}"))
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
@@ -144,10 +145,17 @@ class Client:
         """x_{t_zeta} of a fresh batch (and its labels); None when the server owns no step."""
         if not self.split.server_active:
             return None
-        x, y, idx = self.policy.draw(self.data, self.upload_size, self.split, self.upload_generator)
+        x, _, idx = self.policy.draw(self.data, self.upload_size, self.split, self.upload_generator)
         self.sent += torch.bincount(idx, minlength=len(self.sent))
+        y = self.condition("train", idx)
         return Upload(self.cid, round_, self.split.t_zeta, x.to(self.upload_dtype).contiguous(),
-                      y.clone() if self.conditional else None)
+                      None if y is None else y.clone())
+
+    def condition(self, part: str, idx: Tensor | slice | None = None) -> Tensor | None:
+        """What the models are conditioned on for images ``idx`` of ``part``: None, labels or attributes."""
+        if not self.conditional:
+            return None
+        return self.data.conditions(part, idx, self.attributes)
 
     def privacy(self, delta: float) -> Guarantee:
         """The (epsilon, delta) guarantee of everything this client has uploaded so far."""
@@ -158,9 +166,12 @@ class Client:
         return guarantee(abar, clip, releases, delta)
 
     def sample_labels(self, n: int) -> Tensor | None:
-        """Labels a client asks the server to condition on: its own classes, in turn."""
+        """What a client asks the server to condition on: its own classes (or attribute vectors), in turn."""
         if not self.conditional:
             return None
+        if self.attributes:  # the attribute vectors of its own training images, in turn
+            a = self.data.conditions("train", None, True)
+            return a[torch.arange(n) % len(a)].clone()
         classes = torch.tensor(self.data.classes, dtype=torch.long)
         return classes[torch.arange(n) % len(classes)]
 

@@ -58,6 +58,7 @@ class SplitSection:
 class ModelSection:
     preset: str = "tiny"
     conditional: bool = True
+    condition: str = "label"  # what a conditional model is given: the class "label" or the "attributes" vector
     cond_dropout: float = 0.1
 
 
@@ -133,6 +134,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "split.server_model": (lambda v, c: v in ("per_cut", "shared"), "'per_cut' or 'shared'"),
     "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
     "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    "model.condition": (lambda v, c: v in ("label", "attributes"),
+                        "'label' (class labels) or 'attributes' (multi-hot vectors: celeba, awa2)"),
     "data.name": (lambda v, c: v in ("digits", "cifar10", "celeba", "awa2", "folder"),
                   "'digits', 'cifar10', 'celeba', 'awa2' or 'folder'"),
     "data.partition": (lambda v, c: v in ("class", "dirichlet", "iid", "attributes"),

@@ -58,12 +58,24 @@ class Experiment:
         return out
 
 
+def conditioning(cfg: Config, data: FederatedData) -> tuple[int | None, int]:
+    """(number of classes, number of attributes) the denoisers are conditioned on."""
+    if not cfg.model.conditional:
+        return None, 0
+    if cfg.model.condition == "attributes":
+        if not data.num_attributes:
+            raise ConfigError(f"model.condition = 'attributes' needs attribute vectors, which {data.name} does not "
+                              f"have: use celeba or awa2, or model.condition = 'label'")
+        return None, data.num_attributes
+    return data.num_classes, 0
+
+
 def build_denoiser(cfg: Config, data: FederatedData, seed: int) -> Denoiser:
+    num_classes, num_attributes = conditioning(cfg, data)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = build_unet(cfg.model.preset, data.image_size, data.channels,
-                         data.num_classes if cfg.model.conditional else None, cfg.split.T)
-    return Denoiser(net, data.num_classes if cfg.model.conditional else None, cfg.model.cond_dropout)
+        net = build_unet(cfg.model.preset, data.image_size, data.channels, num_classes, cfg.split.T, num_attributes)
+        return Denoiser(net, num_classes, cfg.model.cond_dropout, num_attributes)
 
 
 def make_policy(cfg: Config, cid: int) -> object:
@@ -103,15 +115,16 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
         trainers = {-1 if shared else served[0]: trainer("server", 0)}
     else:  # one tail model per cut; the first keeps the single-cut seeds, the others get their own
         trainers = {t: trainer(f"server (cut {t})", 0 if k == 0 else 1000 + t) for k, t in enumerate(served)}
+    num_classes, num_attributes = conditioning(cfg, data)
     server = Server(split, None, image_shape=(data.channels, data.image_size, data.image_size),
-                    num_classes=data.num_classes if cfg.model.conditional else None,
+                    num_classes=num_classes, num_attributes=num_attributes,
                     client_ids=[c.cid for c in data.clients], batch_size=tr.batch_size, epochs=tr.server_epochs,
                     max_upload_images=max(tr.upload_size, 1), cuts=cuts, trainers=trainers, shared=shared)
     clients = [
         Client(d, Split(schedule, cuts[d.cid]),
                trainer(f"client {d.cid}", d.cid + 1) if cuts[d.cid] > 0 else None,
                batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
-               conditional=cfg.model.conditional, policy=make_policy(cfg, d.cid),
+               conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg, d.cid),
                seed=seed_for(cfg, "upload", d.cid))
         for d in data.clients
     ]

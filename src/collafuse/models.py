@@ -31,8 +31,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(preset: str, image_size: int, channels: int, num_classes: int | None, T: int) -> nn.Module:
-    """A diffusers ``UNet2DModel`` from a preset; one extra class slot is the 'no label' token."""
+def build_unet(preset: str, image_size: int, channels: int, num_classes: int | None, T: int,
+               num_attributes: int = 0) -> nn.Module:
+    """A diffusers ``UNet2DModel`` from a preset; one extra class slot is the 'no label' token.
+
+    With ``num_attributes`` the class embedding is the identity: :class:`Denoiser` projects the
+    multi-hot attribute vector into the time-embedding space and the UNet adds it as it is.
+    """
     from diffusers import UNet2DModel
 
     if preset not in PRESETS:
@@ -42,6 +47,9 @@ def build_unet(preset: str, image_size: int, channels: int, num_classes: int | N
     if image_size % (2**n_down):
         raise ConfigError(f"model.preset = {preset!r} halves the image {n_down} times: "
                           f"the image size {image_size} must be divisible by {2**n_down}")
+    if num_attributes:
+        return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                           class_embed_type="identity", num_train_timesteps=T, **kwargs)
     return UNet2DModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
         num_class_embeds=None if num_classes is None else num_classes + 1,
@@ -49,37 +57,59 @@ def build_unet(preset: str, image_size: int, channels: int, num_classes: int | N
     )
 
 
+def time_embed_dim(net: nn.Module) -> int:
+    return int(net.config.block_out_channels[0]) * 4
+
+
 class Denoiser(nn.Module):
     """Epsilon prediction with optional class conditioning and classifier-free guidance.
 
     The label ``num_classes`` means "no label"; during training labels are replaced by it with
     probability ``cond_dropout`` so that the same network also learns the unconditional model.
+
+    With ``num_attributes`` > 0 the condition is a multi-hot float vector of that length instead of a
+    label (rows of -1 mean "no condition"); a linear layer maps it, with a null flag, into the UNet's
+    time-embedding space.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int | None = None, cond_dropout: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, num_classes: int | None = None, cond_dropout: float = 0.0,
+                 num_attributes: int = 0) -> None:
         super().__init__()
         self.net = net
         self.num_classes = num_classes
         self.cond_dropout = cond_dropout
+        self.num_attributes = num_attributes
+        self.attr_proj = nn.Linear(num_attributes + 1, time_embed_dim(net)) if num_attributes else None
 
     @property
     def conditional(self) -> bool:
-        return self.num_classes is not None
+        return self.num_classes is not None or self.num_attributes > 0
+
+    def null(self, n: int, device: torch.device | None = None) -> Tensor:
+        """The 'no condition' token for ``n`` images."""
+        if self.num_attributes:
+            return torch.full((n, self.num_attributes), -1.0, device=device)
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
 
     def _call(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        if y is not None and self.attr_proj is not None:
+            null = (y < 0).all(dim=1, keepdim=True)
+            y = self.attr_proj(torch.cat([torch.where(null, 0.0, y.float()), null.float()], dim=1))
         out = self.net(x, t, class_labels=y) if y is not None else self.net(x, t)
         return out.sample if hasattr(out, "sample") else out
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if self.conditional and y is None:
-            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            y = self.null(x.shape[0], x.device)
         return self._call(x, t, y if self.conditional else None)
 
     def drop_labels(self, y: Tensor | None, generator: torch.Generator | None) -> Tensor | None:
-        """Replace labels by the null label with probability ``cond_dropout`` (for guidance)."""
+        """Replace conditions by the null token with probability ``cond_dropout`` (for guidance)."""
         if y is None or not self.conditional or self.cond_dropout <= 0:
             return y
-        drop = torch.rand(y.shape, generator=generator) < self.cond_dropout
+        drop = torch.rand(y.shape[:1], generator=generator) < self.cond_dropout
+        if self.num_attributes:
+            return torch.where(drop[:, None], torch.full_like(y, -1.0), y)
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     @torch.no_grad()
@@ -87,7 +117,7 @@ class Denoiser(nn.Module):
         """eps_u + w (eps_c - eps_u); one pass when w = 1 or there are no labels."""
         if y is None or not self.conditional or guidance == 1.0:
             return self(x, t, y)
-        null = torch.full_like(y, self.num_classes)
+        null = self.null(len(y), y.device).to(y.dtype)
         both = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = both.chunk(2)
         return uncond + guidance * (cond - uncond)
@@ -105,8 +135,14 @@ class Denoiser(nn.Module):
 
                 save_file({k: v.contiguous() for k, v in self.net.state_dict().items()},
                           str(tmp / "model.safetensors"))
+            if self.attr_proj is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self.attr_proj.state_dict().items()},
+                          str(tmp / "attribute_projection.safetensors"))
             (tmp / "collafuse.json").write_text(json.dumps(
-                {"num_classes": self.num_classes, "cond_dropout": self.cond_dropout}))
+                {"num_classes": self.num_classes, "cond_dropout": self.cond_dropout,
+                 "num_attributes": self.num_attributes}))
             replace_dir(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -127,6 +163,11 @@ class Denoiser(nn.Module):
             raise CheckpointError(f"{path} is truncated or corrupt ({exc}); resume from an earlier checkpoint") from exc
         try:
             self.net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
+            if self.attr_proj is not None:
+                proj = folder / "attribute_projection.safetensors"
+                if not proj.exists():
+                    raise CheckpointError(f"{proj} is missing: the model was saved without attribute conditioning")
+                self.attr_proj.load_state_dict(load_file(str(proj)), strict=True)
+        except (RuntimeError, SafetensorError) as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"{path} does not match this model ({first}); was the config changed?") from exc

@@ -37,7 +37,7 @@ class Server:
 
     def __init__(self, split: Split, trainer: Trainer | None, *, image_shape: tuple[int, int, int],
                  num_classes: int | None, client_ids: list[int], batch_size: int, epochs: int = 1,
-                 max_upload_images: int = 4096, cuts: dict[int, int] | None = None,
+                 max_upload_images: int = 4096, num_attributes: int = 0, cuts: dict[int, int] | None = None,
                  trainers: dict[int, Trainer] | None = None, shared: bool = False) -> None:
         self.split = split
         self.cuts = dict(cuts) if cuts else {cid: split.t_zeta for cid in client_ids}
@@ -50,6 +50,7 @@ class Server:
                                                               else None)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
+        self.num_attributes = num_attributes
         self.client_ids = set(client_ids)
         self.batch_size = batch_size
         self.epochs = epochs
@@ -58,7 +59,8 @@ class Server:
 
     @property
     def max_upload_bytes(self) -> int:
-        return self.max_upload_images * (math.prod(self.image_shape) * 4 + 8)
+        label = 4 * self.num_attributes if self.num_attributes else 8  # float32 vector or int64 label
+        return self.max_upload_images * (math.prod(self.image_shape) * 4 + label)
 
     def validate(self, upload: object) -> Upload:
         """Check an upload against the protocol; raise :class:`UploadRejected` with the reason."""
@@ -93,7 +95,13 @@ class Server:
             raise UploadRejected(f"{who}: value {peak:.3g} is outside what a noised image at t_zeta can be "
                                  f"(|x| <= {bound:.3g})")
         y = upload.labels
-        if self.num_classes is None:
+        if self.num_attributes:
+            a = self.num_attributes
+            if not torch.is_tensor(y) or y.dtype != torch.float32 or tuple(y.shape) != (n, a):
+                raise UploadRejected(f"{who}: attributes must be a float32 tensor of shape ({n}, {a})")
+            if not bool(((y == 0) | (y == 1)).all()):
+                raise UploadRejected(f"{who}: attribute vectors must hold only 0 and 1")
+        elif self.num_classes is None:
             if y is not None:
                 raise UploadRejected(f"{who}: carries labels but the server is unconditional")
         else:
@@ -142,7 +150,7 @@ class Server:
                losses: list[float]) -> int:
         """``epochs`` passes over ``uploads`` in shuffled minibatches; ``split`` None: the shared model."""
         x = torch.cat([u.x_t_zeta.float() for u in uploads])
-        y = None if self.num_classes is None else torch.cat([u.labels for u in uploads])
+        y = None if uploads[0].labels is None else torch.cat([u.labels for u in uploads])
         cuts = torch.cat([torch.full((len(u.x_t_zeta),), u.t_zeta) for u in uploads])
         for _ in range(self.epochs):
             order = torch.randperm(len(x), generator=trainer.generator)

@@ -21,10 +21,20 @@ class ClientData:
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+    train_a: Tensor | None = None  # multi-hot attribute vectors (float 0/1), where the dataset has them
+    test_a: Tensor | None = None
 
     @property
     def classes(self) -> list[int]:
         return sorted({int(v) for v in self.train_y.tolist()})
+
+    def conditions(self, part: str, idx: Tensor | slice | None = None, attributes: bool = False) -> Tensor:
+        """What a conditional model is given for images ``idx`` of ``part`` ('train' or 'test'):
+        their class labels, or with ``attributes`` their multi-hot attribute vectors."""
+        src = getattr(self, f"{part}_a" if attributes else f"{part}_y")
+        if src is None:
+            raise DataError("model.condition = 'attributes' needs a dataset with attribute vectors (celeba, awa2)")
+        return src if idx is None else src[idx]
 
 
 @dataclass
@@ -37,6 +47,11 @@ class FederatedData:
     channels: int
     image_size: int
     partition: list[dict] | None = None  # per client, the training and held-out images (ids or file names)
+    attribute_names: list[str] | None = None  # names of the columns of ClientData.train_a
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_names) if self.attribute_names else 0
 
     def describe(self) -> list[dict]:
         return [{"client": c.cid, "classes": c.classes, "train": len(c.train_x), "test": len(c.test_x)}
@@ -114,6 +129,7 @@ def load_federated(
         return _celeba(root, image_size, channels, partition, num_clients, attributes, train_per_client,
                        test_per_client, rng)
     files: list[Path] | None = None
+    attrs, attr_names = None, None
     if name == "digits":
         from .digits import load_digits_images
 
@@ -135,7 +151,8 @@ def load_federated(
 
         if channels not in (0, 3):
             raise DataError("data.channels must be 0 or 3 for AwA2 (RGB)")
-        files, y, *_ = index_awa2(root)
+        files, y, _, predicates, matrix = index_awa2(root)
+        attrs, attr_names = matrix[y], predicates
         x = None
     else:
         raise DataError(f"data.name = {name!r} is unknown: use one of {', '.join(DATASETS)}")
@@ -159,11 +176,12 @@ def load_federated(
         x = to_float(decode([files[j] for j in used], image_size, 3))
         splits = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in splits]
         y_used = y[used]
+        attrs = None if attrs is None else attrs[used]
         ids = [[files[j].name for j in used[idx]] for s in splits for idx in s]
     else:
         y_used = y
         ids = [idx.tolist() for s in splits for idx in s]
-    return _assemble(name, x, y_used, splits, int(y.max()) + 1, ids)
+    return _assemble(name, x, y_used, splits, int(y.max()) + 1, ids, attrs, attr_names)
 
 
 DATASETS = ("digits", "cifar10", "celeba", "awa2", "folder")
@@ -179,11 +197,17 @@ def _cap(idx: np.ndarray, n: int, rng: np.random.RandomState, what: str) -> np.n
 
 
 def _assemble(name: str, x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
-              num_classes: int, ids: list[list]) -> FederatedData:
+              num_classes: int, ids: list[list], attrs: np.ndarray | None = None,
+              attr_names: list[str] | None = None) -> FederatedData:
     fed = []
+
+    def a(idx: np.ndarray) -> Tensor | None:
+        return None if attrs is None else torch.from_numpy(attrs[idx].astype(np.float32))
+
     for i, (tr, te) in enumerate(splits):
         fed.append(ClientData(i, torch.from_numpy(np.ascontiguousarray(x[tr])).float(), torch.from_numpy(y[tr]).long(),
-                              torch.from_numpy(np.ascontiguousarray(x[te])).float(), torch.from_numpy(y[te]).long()))
+                              torch.from_numpy(np.ascontiguousarray(x[te])).float(), torch.from_numpy(y[te]).long(),
+                              a(tr), a(te)))
     for c in fed:
         if len(c.train_x) == 0:
             raise DataError(f"client {c.cid} has no training images: lower data.test_fraction or give it more classes")
@@ -191,7 +215,7 @@ def _assemble(name: str, x: np.ndarray, y: np.ndarray, splits: list[tuple[np.nda
             raise DataError(f"client {c.cid} has no held-out images: raise data.test_fraction or give it more data")
     part = [{"client": i, "train": ids[2 * i], "test": ids[2 * i + 1]} for i in range(len(splits))]
     return FederatedData(name, fed, num_classes=num_classes, channels=x.shape[1], image_size=x.shape[2],
-                         partition=part)
+                         partition=part, attribute_names=attr_names)
 
 
 def _celeba(root: str, image_size: int, channels: int, partition: str, num_clients: int,
@@ -218,7 +242,7 @@ def _celeba(root: str, image_size: int, channels: int, partition: str, num_clien
     y = np.zeros(len(used), dtype=np.int64)
     local = [(np.searchsorted(used, tr), np.searchsorted(used, te)) for tr, te in splits]
     ids = [[files[j].name for j in used[idx]] for s in local for idx in s]
-    fed = _assemble("celeba", x, y, local, len(pools) if partition == "attributes" else 1, ids)
+    fed = _assemble("celeba", x, y, local, len(pools) if partition == "attributes" else 1, ids, attrs[used], names)
     if partition == "attributes":
         for c in fed.clients:
             c.train_y.fill_(c.cid)

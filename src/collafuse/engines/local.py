@@ -144,7 +144,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     out = sample_clients(exp, {c.cid: n for c in exp.clients}, progress=progress)
     for cid, x in out["samples"].items():
         labels = out["labels"][cid]
-        order = torch.arange(len(x)) if labels is None else labels.argsort(stable=True)
+        order = labels.argsort(stable=True) if labels is not None and labels.dim() == 1 else torch.arange(len(x))
         save_grid(x[order], run_dir / "samples" / f"client_{cid}.png")  # rows grouped by class
     signal, noise = exp.split.signal_noise_at_cut()
     scale = max(sum(c.split.signal_noise_at_cut()) for c in exp.clients)
@@ -204,7 +204,7 @@ def privacy_summary(exp: Experiment) -> dict[str, Any]:
 
 def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] | None:
     """Per client, the share of its samples an independent classifier gives the requested label."""
-    if not exp.cfg.model.conditional or not LabelClassifier.applicable(exp.data):
+    if not exp.cfg.model.conditional or exp.cfg.model.condition != "label" or not LabelClassifier.applicable(exp.data):
         return None
     clf = LabelClassifier(exp.data)
     per = {str(c.cid): clf.agreement(samples[c.cid], c.sample_labels(len(samples[c.cid]))) for c in exp.clients}

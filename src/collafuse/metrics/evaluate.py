@@ -108,13 +108,13 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
         t = split.t_zeta
         abar = float(split.schedule.abar[t])
         x0 = c.data.test_x[:ev.disclosure_images]
-        y = c.data.test_y[:ev.disclosure_images]
+        y = c.condition("test", slice(0, ev.disclosure_images))
         g = torch.Generator().manual_seed(ev.seed + c.cid)
         x_t = split.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).float()
         if t == 0:
             x0_hat = x_t.clone()  # the raw image itself crosses the wire
         else:
-            x0_hat = posterior_mean(split, c.trainer.eps_fn(y if c.conditional else None), x_t, t)
+            x0_hat = posterior_mean(split, c.trainer.eps_fn(y), x_t, t)
         blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(x0)
         exact = math.inf if t == 0 else None
         per[str(c.cid)] = {"t_zeta": t, "snr_db": _snr_db(abar), "images": len(x0),
@@ -200,7 +200,7 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
                      "server_seconds": out["server_seconds"], "client_seconds": sum(out["client_seconds"].values()),
                      "seconds": sample_seconds},
     }
-    if exp.cfg.model.conditional and LabelClassifier.applicable(exp.data):
+    if exp.cfg.model.conditional and exp.cfg.model.condition == "label" and LabelClassifier.applicable(exp.data):
         clf = LabelClassifier(exp.data)
         result["label_agreement"] = {
             "classifier_test_accuracy": clf.test_accuracy,
