@@ -174,8 +174,10 @@ def loss_scores(trainer: Trainer, split: Split, x0: Tensor, y: Tensor | None, *,
                 x_cut = split.schedule.add_noise(xb, eps_c[k].expand_as(xb), split.t_zeta)
                 t = ts[k].expand(len(xb))
                 x_t = chain.q_sample(x_cut, eps_s[k].expand_as(xb), t)
-                pred = model(x_t, t, None if y is None else y[i:i + batch])
-                total[i:i + len(xb)] += (pred - eps_s[k]).pow(2).flatten(1).mean(1).double()
+                yb = None if y is None else y[i:i + batch]
+                x_t, t_d, yb, target = trainer.to_device(x_t, t, yb, eps_s[k].expand_as(xb))
+                pred = model(x_t, t_d, yb)
+                total[i:i + len(xb)] += (pred - target).pow(2).flatten(1).mean(1).double().cpu()
     return -(total / draws).numpy()
 
 

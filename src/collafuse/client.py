@@ -180,7 +180,9 @@ class Client:
                generator: torch.Generator | None = None) -> Tensor:
         """Denoise the server's handover from t_zeta down to x_0 with the private denoiser."""
         if self.trainer is None:
-            return x_t_zeta.clamp(-1, 1) if clip else x_t_zeta
-        x = self.split.client_sample(self.trainer.eps_fn(labels, guidance), x_t_zeta.float(), sampler=sampler,
-                                     steps=steps, eta=eta, generator=generator, clip=1.0 if clip else None)
+            x = x_t_zeta.cpu()
+            return x.clamp(-1, 1) if clip else x
+        x = self.split.client_sample(self.trainer.eps_fn(labels, guidance),
+                                     x_t_zeta.to(self.trainer.device).float(), sampler=sampler, steps=steps, eta=eta,
+                                     generator=generator, clip=1.0 if clip else None).cpu()
         return x.clamp(-1, 1) if clip else x

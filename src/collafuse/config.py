@@ -106,6 +106,7 @@ class EvalSection:
 class EngineSection:
     name: str = "local"
     threads: int = 0  # 0: PyTorch's default
+    device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
 
 
 @dataclass
@@ -180,6 +181,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "eval.disclosure_images": (lambda v, c: v >= 0, "an integer >= 0 (0 skips the disclosure metrics)"),
     "engine.name": (lambda v, c: v in ("local",), "'local'"),
     "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
+    "engine.device": (lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
 
 

@@ -58,6 +58,19 @@ class Experiment:
         return out
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' (a CUDA GPU if PyTorch sees one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device = {name!r}, but PyTorch sees no CUDA GPU here (torch {torch.__version__}); "
+                          f"use 'cpu' or 'auto'")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"engine.device = {name!r} is not a device: use 'auto', 'cpu' or 'cuda'") from exc
+
+
 def conditioning(cfg: Config, data: FederatedData) -> tuple[int | None, int]:
     """(number of classes, number of attributes) the denoisers are conditioned on."""
     if not cfg.model.conditional:
@@ -105,9 +118,12 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     cuts = {d.cid: t for d, t in zip(data.clients, cut_list, strict=True)}
     tr = cfg.train
 
+    device = resolve_device(cfg.engine.device)
+
     def trainer(name: str, index: int) -> Trainer:
         return Trainer(name, build_denoiser(cfg, data, seed_for(cfg, "init", index)), lr=tr.lr,
-                       weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index))
+                       weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index),
+                       device=device)
 
     served = sorted({t for t in cuts.values() if t < cfg.split.T})
     shared = cfg.split.server_model == "shared" and len(served) > 1
@@ -174,7 +190,7 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
             finished[cid] = clients[cid].finish(part, labels[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
                                                 guidance=s.guidance, clip=s.clip, generator=gc)
             client_seconds[cid] = time.perf_counter() - start
-            handover[cid] = part
+            handover[cid] = part.cpu()
             bar.update(steps[cut][1])
     bar.close()
     n_total = sum(counts.values())

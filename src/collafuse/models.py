@@ -133,12 +133,12 @@ class Denoiser(nn.Module):
             else:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in self.net.state_dict().items()},
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()},
                           str(tmp / "model.safetensors"))
             if self.attr_proj is not None:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in self.attr_proj.state_dict().items()},
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.attr_proj.state_dict().items()},
                           str(tmp / "attribute_projection.safetensors"))
             (tmp / "collafuse.json").write_text(json.dumps(
                 {"num_classes": self.num_classes, "cond_dropout": self.cond_dropout,

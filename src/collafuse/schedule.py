@@ -144,8 +144,13 @@ class Chain:
         var = (1 - a_prev) / (1 - a_t) * beta
         if t - 1 == self.start or var <= 0:
             return mean
-        z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
-        return mean + math.sqrt(var) * z
+        return mean + math.sqrt(var) * noise_like(x_t, generator)
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) noise shaped like ``x``, drawn on the CPU (so a seed gives the same noise on any device)."""
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return z if x.device.type == "cpu" else z.to(x.device)
 
 
 def ddpm_loop(
@@ -158,7 +163,7 @@ def ddpm_loop(
 ) -> Tensor:
     """Run every ancestral step of ``chain`` from x_end down to x_start."""
     for t in range(chain.end, chain.start, -1):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = chain.ddpm_step(eps_fn(x, tt), x, t, generator=generator, clip=clip)
         if progress is not None:
             progress(1)
@@ -184,7 +189,7 @@ def ddim_step(
     sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if s > 0 else 0.0
     x_s = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps_full
     if sigma > 0:
-        x_s = x_s + sigma * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        x_s = x_s + sigma * noise_like(x_t, generator)
     return x_s
 
 
@@ -227,7 +232,7 @@ def ddim_loop(
 ) -> Tensor:
     """Run DDIM along ``timesteps`` (decreasing); ``eps_full_fn`` returns full-chain epsilon."""
     for t, s in zip(timesteps[:-1], timesteps[1:], strict=True):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = ddim_step(schedule, eps_full_fn(x, tt), x, t, s, eta=eta, generator=generator, clip=clip)
         if progress is not None:
             progress(1)

@@ -173,10 +173,11 @@ class Server:
         """
         cut = self.split.t_zeta if cut is None else cut
         split = self.splits.get(cut) or Split(self.split.schedule, cut)
-        x_T = torch.randn((n, *self.image_shape), generator=generator)
+        x_T = torch.randn((n, *self.image_shape), generator=generator)  # on the CPU: the same on every device
         trainer = self.trainer if self.shared else self.trainers.get(cut)
         if trainer is None or not split.server_active:
             return x_T
+        x_T = x_T.to(trainer.device)  # sample where the model is; the client's finish returns to the CPU
         eps_fn = trainer.eps_fn(labels, guidance)
         if self.shared:
             eps_fn = _tail_of_full(eps_fn, split.server_chain)

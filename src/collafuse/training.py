@@ -23,9 +23,10 @@ class Trainer:
     """Trains one denoiser with the epsilon loss on one chain; keeps everything needed to resume."""
 
     def __init__(self, name: str, denoiser: Denoiser, lr: float, weight_decay: float, ema_decay: float,
-                 seed: int, grad_clip: float = 1.0) -> None:
+                 seed: int, grad_clip: float = 1.0, device: str | torch.device = "cpu") -> None:
         self.name = name
-        self.model = denoiser
+        self.device = torch.device(device)
+        self.model = denoiser.to(self.device)
         self.opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=weight_decay)
         self.ema_decay = ema_decay
         self.ema = copy.deepcopy(denoiser).requires_grad_(False) if ema_decay > 0 else None
@@ -42,11 +43,18 @@ class Trainer:
         """One optimiser step of ||eps_hat(x_t, t) - eps||^2 with t uniform over the chain's steps."""
         g = self.generator
         t = chain.sample_t(x_start.shape[0], g)
-        eps = torch.randn(x_start.shape, generator=g)
-        x_t = chain.q_sample(x_start, eps, t).float()
+        eps = torch.randn(x_start.shape, generator=g)  # random numbers on the CPU: the same on every device
         y = self.model.drop_labels(y, g)
+        x_start, eps, t, y = self.to_device(x_start, eps, t, y)
+        x_t = chain.q_sample(x_start, eps, t).float()
         self.model.train()
         return self._update(F.mse_loss(self.model(x_t, t, y), eps), where)
+
+    def to_device(self, *tensors: Tensor | None) -> list[Tensor | None]:
+        """The tensors on this trainer's device (None stays None)."""
+        if self.device.type == "cpu":
+            return list(tensors)
+        return [None if v is None else v.to(self.device, non_blocking=True) for v in tensors]
 
     def step_shared(self, schedule: NoiseSchedule, x_start: Tensor, cuts: Tensor, y: Tensor | None,
                     where: str = "") -> float:
@@ -68,6 +76,7 @@ class Trainer:
         x_t = (rel.sqrt() * x_start + (1 - rel).sqrt() * eps).float()
         scale = ((1 - rel) / (1 - abar_t)).sqrt().float()
         y = self.model.drop_labels(y, g)
+        x_t, t, y, scale, eps = self.to_device(x_t, t, y, scale, eps)
         self.model.train()
         return self._update(F.mse_loss(scale * self.model(x_t, t, y), eps), where)
 
@@ -94,9 +103,12 @@ class Trainer:
         """The sampling model as an ``eps_fn(x, t)`` for a batch with labels ``y``."""
         model = self.sampling_model.eval()
 
+        dev = self.device
+        y_dev = None if y is None else y.to(dev)
+
         def fn(x: Tensor, t: Tensor) -> Tensor:
             with torch.inference_mode():
-                return model.guided(x.float(), t, y, guidance).to(x.dtype)
+                return model.guided(x.to(dev).float(), t.to(dev), y_dev, guidance).to(x.device, x.dtype)
 
         return fn
 
@@ -106,11 +118,11 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.sampling_model.save(folder)
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt = self.opt.state_dict()
         for idx, st in opt["state"].items():
             for key, val in st.items():
-                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).contiguous()
+                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
         tensors["rng"] = self.generator.get_state()
         meta = {"param_groups": json.dumps(opt["param_groups"]), "steps": str(self.steps), "name": self.name}
         save_file(tensors, str(folder / "train_state.safetensors"), metadata=meta)

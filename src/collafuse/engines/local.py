@@ -36,7 +36,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         new = cfg.to_dict()
         # only the length of training and what happens after it may change on resume
         free = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                ("sample",), ("eval",), ("engine", "threads")}
+                ("sample",), ("eval",), ("engine", "threads"), ("engine", "device")}
         for sec, values in new.items():
             for key, value in values.items():
                 if (sec,) in free or (sec, key) in free:
