@@ -35,6 +35,8 @@ from .split import Split
 from .training import Trainer
 
 DEFAULT_ROUNDS = (1, 3, 10, 30, 100, 300, 1000, 3000)
+# held-out images per client the averaging attack follows: it keeps every upload of them in memory
+MAX_ATTACK_IMAGES = 256
 # Linking radius: the median distance of two noisings of one image (z = 0), so half of all copy pairs link. On the
 # digits (d = 64) a wider radius links many more strangers than copies (at t_zeta = 200, z = 3.09 gave link precision
 # 0.01 and a worse reconstruction than z = 0, which gave 0.15); on larger images copies separate far better.
@@ -80,7 +82,7 @@ def posterior_mean(split: Split, eps_fn: Any, x_t: Tensor, t: int) -> Tensor:
 def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
                      rounds: list[int], seed: int, denoiser: Trainer | None = None,
                      conditions: Tensor | None = None) -> list[dict[str, Any]]:
-    """The averaging attack on ``data.test_x`` uploaded by ``policy`` for up to ``max(rounds)`` rounds.
+    """The averaging attack on ``data.test_x`` (the first 256) uploaded by ``policy`` for ``max(rounds)`` rounds.
 
     ``upload_size`` is the run's per-round upload; the held-out pool uploads in proportion to its size, so
     that every image is sent as often as a training image of the run. ``conditions``: what the denoiser is
@@ -90,7 +92,8 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
 
     if not split.server_active:
         return []
-    pool = ClientData(data.cid, data.test_x.float(), data.test_y, data.test_x[:0], data.test_y[:0])
+    n = min(len(data.test_x), MAX_ATTACK_IMAGES)
+    pool = ClientData(data.cid, data.test_x[:n].float(), data.test_y[:n], data.test_x[:0], data.test_y[:0])
     n_pool = len(pool.train_x)
     per_round = max(1, round(upload_size * n_pool / max(1, len(data.train_x))))
     d = int(pool.train_x[0].numel())

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attacks import posterior_mean
+from ..client import clip_l2
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
 from .agreement import LabelClassifier
@@ -110,7 +111,9 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
         x0 = c.data.test_x[:ev.disclosure_images]
         y = c.condition("test", slice(0, ev.disclosure_images))
         g = torch.Generator().manual_seed(ev.seed + c.cid)
-        x_t = split.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).float()
+        # exactly as the client's policy would upload it: clipped first if the policy clips
+        x_t = split.schedule.add_noise(clip_l2(x0.float(), c.policy.clip_norm), torch.randn(x0.shape, generator=g),
+                                       t).float()
         if t == 0:
             x0_hat = x_t.clone()  # the raw image itself crosses the wire
         else:
