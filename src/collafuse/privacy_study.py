@@ -155,8 +155,6 @@ def summarise(meta: dict, runs: dict[tuple[str, int], list[dict]]) -> list[dict[
             "domain_fid": [r["eval"]["quality"]["domain_fid"]["pooled"]["frechet"] for r in rs],
             "label_agreement": [float(np.mean(list(r["eval"]["label_agreement"]["per_client"].values())))
                                 for r in rs if r["eval"].get("label_agreement")],
-            "reconstruction_psnr": [r["eval"]["disclosure"]["reconstruction"]["psnr"] for r in rs
-                                    if r["eval"].get("disclosure")],
         })
     return rows
 

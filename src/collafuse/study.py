@@ -157,9 +157,11 @@ def check_meta(meta_path: Path, meta: dict, keys: tuple[str, ...]) -> None:
     old = json.loads(meta_path.read_text())
     for key in keys:
         old_v, new_v = old.get(key), meta[key]
-        if key == "config":
-            old_v = {**old_v, "engine": None}
-            new_v = {**new_v, "engine": None}
+        if key == "config":  # keys added by a later collafuse version do not count; neither does the engine
+            old_v = {sec: {k: v for k, v in vals.items() if k in new_v.get(sec, {})}
+                     for sec, vals in old_v.items() if sec != "engine"}
+            new_v = {sec: {k: v for k, v in vals.items() if k in old_v.get(sec, {})}
+                     for sec, vals in new_v.items() if sec != "engine"}
         if old_v != new_v:
             raise CollafuseError(f"{meta_path.parent} holds a study with other settings ({key} differs); "
                                  f"choose another --out or repeat the original command")
