@@ -151,3 +151,24 @@ def test_the_default_sweep_is_the_committed_study() -> None:
 
     root = Path(__file__).resolve().parents[1]
     assert config.load(None, STUDY_OVERRIDES).to_dict() == config.load(root / "configs" / "digits-study.toml").to_dict()
+
+
+def test_a_study_made_before_new_config_keys_still_continues(tmp_path) -> None:
+    import json
+
+    from collafuse.errors import CollafuseError
+    from collafuse.study import check_meta
+
+    cfg = config.load(None, []).to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["data"]["attributes"], old["engine"]["device"]  # keys a later version added
+    old["engine"]["threads"] = 4  # threads may differ between machines
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"config": old, "cuts": [0, 100], "seconds": 12.0}))
+    meta = {"config": cfg, "cuts": [0, 100]}
+    check_meta(path, meta, ("config", "cuts"))
+    assert meta["seconds_before"] == 12.0
+    changed = json.loads(json.dumps(cfg))
+    changed["train"]["rounds"] = 5
+    with pytest.raises(CollafuseError, match="config differs"):
+        check_meta(path, {"config": changed, "cuts": [0, 100]}, ("config", "cuts"))
