@@ -197,3 +197,30 @@ def test_conditioning_on_attribute_vectors(tmp_path: Path) -> None:
     assert model.guided(x, t, a, 2.0).shape == x.shape
     with pytest.raises(Exception, match="attribute vectors"):
         build(config.load(None, [*TINY, "model.condition=\"attributes\""]))  # the digits have none
+
+
+@pytest.mark.parametrize("name", ["celeba", "celeba-cpu", "awa2", "awa2-cpu", "cifar10", "cifar10-cpu"])
+def test_every_dataset_config_runs_from_the_command_line(tmp_path: Path, name: str) -> None:
+    """`collafuse run configs/<dataset>.toml --set data.root=PATH` on files in the real format."""
+    from conftest import run_cli
+    from test_datasets import write_cifar
+
+    if name.startswith("celeba"):
+        root = write_celeba(tmp_path / "data")
+        extra = ["data.train_per_client=8", "data.test_per_client=2"]
+    elif name.startswith("awa2"):
+        root = write_awa2(tmp_path / "data")
+        extra = ["data.clients=[[0, 1], [2, 3]]", "data.train_per_client=8", "data.test_per_client=2",
+                 "data.test_fraction=0.25"] if name == "awa2-cpu" else ["data.num_clients=2", "data.alpha=100.0"]
+    else:
+        root = write_cifar(tmp_path / "data" / "cifar-10-batches-py").parent
+        extra = ["data.clients=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]"] if name == "cifar10-cpu" else [
+            "data.num_clients=2", "data.alpha=100.0"]
+    sets = [f"data.root=\"{root}\"", "data.image_size=8", *TINY, *extra]
+    config_file = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    r = run_cli("run", str(config_file), *sum((["--set", s] for s in sets), []), "--quiet",
+                "--out", str(tmp_path / "run"), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["name"] == name.split("-")[0] and metrics["rounds"] == 4
+    assert (tmp_path / "run" / "partition.json").exists()
