@@ -211,7 +211,8 @@ def test_every_dataset_config_runs_from_the_command_line(tmp_path: Path, name: s
     elif name.startswith("awa2"):
         root = write_awa2(tmp_path / "data")
         extra = ["data.clients=[[0, 1], [2, 3]]", "data.train_per_client=8", "data.test_per_client=2",
-                 "data.test_fraction=0.25"] if name == "awa2-cpu" else ["data.num_clients=2", "data.alpha=100.0"]
+                 "data.test_fraction=0.25"] if name == "awa2-cpu" else ["data.num_clients=2", "data.alpha=100.0",
+                                                                  "data.test_fraction=0.25"]
     else:
         root = write_cifar(tmp_path / "data" / "cifar-10-batches-py").parent
         extra = ["data.clients=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]"] if name == "cifar10-cpu" else [

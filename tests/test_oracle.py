@@ -131,7 +131,9 @@ def labelled_oracle(schedule: NoiseSchedule, start: int):
 
         fns[label] = fn
 
-    class Oracle:  # what the Server asks of a trained model: eps_fn(labels, guidance)
+    class Oracle:  # what the Server asks of a trained model: its device and eps_fn(labels, guidance)
+        device = torch.device("cpu")
+
         def eps_fn(self, y, guidance=1.0):
             def eps(x, t):
                 flat, out = x.flatten(1).double(), torch.empty(x.shape[0], 4, dtype=torch.float64)
