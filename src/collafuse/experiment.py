@@ -193,12 +193,12 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
             handover[cid] = part.cpu()
             bar.update(steps[cut][1])
     bar.close()
-    n_total = sum(counts.values())
-    # evaluations per image, averaged over the images when clients have different cuts
-    server_steps = sum(steps[clients[cid].split.t_zeta][0] * n for cid, n in counts.items()) / n_total
-    client_steps = sum(steps[clients[cid].split.t_zeta][1] * n for cid, n in counts.items()) / n_total
-    if len(groups) == 1:
-        server_steps, client_steps = next(iter(steps.values()))
+    def per_image(side: int) -> int | float:
+        """Network evaluations per image, averaged over the images when clients have different cuts."""
+        v = sum(steps[clients[cid].split.t_zeta][side] * n for cid, n in counts.items()) / sum(counts.values())
+        return int(v) if v.is_integer() else v
+
+    server_steps, client_steps = per_image(0), per_image(1)
     return {"handover": {cid: handover[cid] for cid in counts}, "samples": {cid: finished[cid] for cid in counts},
             "labels": labels, "server_seconds": server_seconds,
             "client_seconds": {cid: client_seconds[cid] for cid in counts}, "server_steps": server_steps,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np
 from . import config as config_mod
 from .errors import CollafuseError
 from .files import write_text_atomic
-from .study import STUDY_OVERRIDES, check_meta, execute, parse_cuts, resolve_workers
+from .study import STUDY_OVERRIDES, parse_cuts, resolve_workers, run_study_folder
 
 DEFAULT_CUTS = "100,200,500"
 POLICIES = ("fresh", "once", "clip")
@@ -83,18 +81,9 @@ def run_study(config: str | None, *, cuts: str | None = None, seeds: int = 2, ta
         base.engine.threads = 1
     jobs = plan(base, cut_list, seeds, target_epsilon, data.channels * data.image_size ** 2)
     out = Path(out) if out else Path("runs") / f"privacy-study-{time.strftime('%Y%m%d-%H%M%S')}"
-    meta_path = out / "privacy_study.json"
-    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "target_epsilon": target_epsilon,
-            "command": "collafuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
-    check_meta(meta_path, meta, ("config", "cuts", "seeds", "target_epsilon"))
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(meta_path, json.dumps(meta, indent=1))
-    start = time.perf_counter()
-    try:
-        execute(jobs, out, workers, progress, privacy=True)
-    finally:
-        meta["seconds"] = meta.get("seconds_before", 0.0) + time.perf_counter() - start
-        write_text_atomic(meta_path, json.dumps(meta, indent=1))
+    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "target_epsilon": target_epsilon}
+    run_study_folder(out / "privacy_study.json", meta, ("config", "cuts", "seeds", "target_epsilon"), jobs, workers,
+                     progress, privacy=True)
     return out
 
 

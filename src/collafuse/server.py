@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 MAX_SIGMAS = 12.0
 
 
-SERVER_MODELS = ("per_cut", "shared")
-
-
 class Server:
     """The shared part of CollaFuse. ``trainer`` is None when t_zeta = T (the server owns no step).
 

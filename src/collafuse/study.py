@@ -194,19 +194,24 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg
         stem = Path(config).stem if config else "digits"
         out = Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    meta_path = out / "sweep.json"
-    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "fedavg": fedavg, "quick": quick,
-            "command": "collafuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""}
-    check_meta(meta_path, meta, ("config", "cuts", "seeds", "fedavg"))
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "fedavg": fedavg, "quick": quick}
+    run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "fedavg"), jobs, workers, progress)
+    return out
+
+
+def run_study_folder(meta_path: Path, meta: dict, keys: tuple[str, ...], jobs: list[tuple[str, int, dict]],
+                     workers: int, progress: bool, privacy: bool = False) -> None:
+    """Check or start the study folder of ``meta_path``, run its jobs, and record the command and the time."""
+    meta["command"] = "collafuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    check_meta(meta_path, meta, keys)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(meta_path, json.dumps(meta, indent=1))
     start = time.perf_counter()
     try:
-        execute(jobs, out, workers, progress)
+        execute(jobs, meta_path.parent, workers, progress, privacy)
     finally:
         meta["seconds"] = meta.get("seconds_before", 0.0) + time.perf_counter() - start
         write_text_atomic(meta_path, json.dumps(meta, indent=1))
-    return out
 
 
 # --- report ---------------------------------------------------------------------------------------

@@ -188,6 +188,7 @@ DATASETS = ("digits", "cifar10", "celeba", "awa2", "folder")
 
 
 def _cap(idx: np.ndarray, n: int, rng: np.random.RandomState, what: str) -> np.ndarray:
+    """``n`` of ``idx`` drawn with ``rng``, sorted (0: all of them)."""
     if n == 0:
         return idx
     if n > len(idx):
@@ -221,7 +222,7 @@ def _assemble(name: str, x: np.ndarray, y: np.ndarray, splits: list[tuple[np.nda
 def _celeba(root: str, image_size: int, channels: int, partition: str, num_clients: int,
             attributes: list[list[str]] | None, train_n: int, test_n: int, rng: np.random.RandomState
             ) -> FederatedData:
-    from .celeba import PAPER_CLIENTS, attribute_pools, draw, index_celeba
+    from .celeba import PAPER_CLIENTS, attribute_pools, index_celeba
     from .images import decode, to_float
 
     if channels not in (0, 3):
@@ -234,8 +235,9 @@ def _celeba(root: str, image_size: int, channels: int, partition: str, num_clien
     else:
         raise DataError(f"data.partition = {partition!r} does not apply to CelebA: use 'attributes' (the paper's "
                         f"clients) or 'iid'")
-    splits = [(draw(p, split, (0,), train_n, rng, f"client {i} training images"),
-               draw(p, split, (2,), test_n, rng, f"client {i} held-out images")) for i, p in enumerate(pools)]
+    # training images from the official train split, held-out ones from its test split
+    splits = [(_cap(p[split[p] == 0], train_n, rng, f"client {i} training images"),
+               _cap(p[split[p] == 2], test_n, rng, f"client {i} held-out images")) for i, p in enumerate(pools)]
     used = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
     x = to_float(decode([files[j] for j in used], image_size, 3))
     # the label of an image is its client's group: the server is conditioned on the client's attributes

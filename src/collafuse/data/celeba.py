@@ -107,15 +107,3 @@ def attribute_pools(names: list[str], attrs: np.ndarray, groups: list[list[str]]
         cols = [names.index(a) for a in group]
         pools.append(np.flatnonzero(attrs[:, cols].any(axis=1)))
     return pools
-
-
-def draw(pool: np.ndarray, split: np.ndarray, want_split: tuple[int, ...], n: int, rng: np.random.RandomState,
-         what: str) -> np.ndarray:
-    """``n`` indices of ``pool`` from the official splits ``want_split`` (0: all of them), sorted."""
-    cand = pool[np.isin(split[pool], want_split)]
-    if n == 0:
-        return cand
-    if n > len(cand):
-        raise DataError(f"{what}: {n} images asked, but only {len(cand)} have the client's attributes; lower "
-                        f"data.train_per_client / data.test_per_client")
-    return np.sort(rng.choice(cand, n, replace=False))
