@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default: runs/<config name>-<date>-<time>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--engine", choices=("local", "flower"), default=None,
+                   help="local: one process (default); flower: Flower's simulation runtime, one virtual SuperNode "
+                        "per client (same as --set engine.name=flower)")
     r.add_argument("--target-epsilon", type=float, default=None, metavar="EPS",
                    help="privacy budget per image against the server, at delta = eval.delta: picks the cut "
                         "(or, with --tune clip, the clip norm) that meets it; needs train.upload_policy=once")
@@ -103,9 +106,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .engines.local import run
     from .split import describe_cuts
 
-    cfg = config.load(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"engine.name={args.engine}"] if args.engine else [])
+    cfg = config.load(args.config, overrides)
     if args.target_epsilon is not None:
         cfg = _meet_budget(cfg, args.target_epsilon, args.tune)
+    if cfg.engine.name == "flower":
+        if args.resume:
+            raise CollafuseError("--resume works with the local engine only; the Flower engine starts a new run")
+        from .engines.flower.simulation import run
     if args.out:
         out = Path(args.out)
     elif args.resume:
@@ -115,7 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
     print(f"run folder: {out}")
-    metrics = run(cfg, out, resume=args.resume, progress=not args.quiet)
+    kwargs = {} if cfg.engine.name == "flower" else {"resume": args.resume}
+    metrics = run(cfg, out, progress=not args.quiet, **kwargs)
     tr, sp = metrics["train"], metrics["sampling"]
     for who in ("server", "client"):
         rate = tr[who]["images_per_s"]

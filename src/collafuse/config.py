@@ -104,9 +104,14 @@ class EvalSection:
 
 @dataclass
 class EngineSection:
-    name: str = "local"
+    name: str = "local"  # "local" (one process) or "flower" (Flower simulation; docs/flower.md)
     threads: int = 0  # 0: PyTorch's default
     device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
+    # Flower engine only:
+    min_clients: int = 0  # a round counts when at least this many clients answered (0: all of them)
+    round_timeout: float = 300.0  # seconds the server waits for a round's replies
+    wait_for_nodes: float = 120.0  # seconds the server waits at the start for every client's node
+    return_samples: bool = False  # clients send their finished samples back; else only metrics leave them
 
 
 @dataclass
@@ -179,7 +184,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "eval.steps": (lambda v, c: v >= 1, "an integer >= 1"),
     "eval.delta": (lambda v, c: 0 < v < 1, "in (0, 1); below 1 / (training images per client)"),
     "eval.disclosure_images": (lambda v, c: v >= 0, "an integer >= 0 (0 skips the disclosure metrics)"),
-    "engine.name": (lambda v, c: v in ("local",), "'local'"),
+    "engine.name": (lambda v, c: v in ("local", "flower"), "'local' or 'flower'"),
+    "engine.min_clients": (lambda v, c: v >= 0, "an integer >= 0 (0 = every client)"),
+    "engine.round_timeout": (lambda v, c: v > 0, "seconds > 0"),
+    "engine.wait_for_nodes": (lambda v, c: v > 0, "seconds > 0"),
     "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
     "engine.device": (lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
@@ -298,3 +306,12 @@ def dumps(cfg: Config) -> str:
 def write(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically."""
     write_text_atomic(path, dumps(cfg))
+
+
+def loads(text: str) -> Config:
+    """A Config from TOML text (as :func:`dumps` writes it), validated."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config text is not valid TOML: {exc}") from exc
+    return from_dict(raw)

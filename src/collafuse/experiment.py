@@ -14,7 +14,7 @@ from torch import Tensor
 from .aggregation import share_initial_weights
 from .client import UPLOAD_POLICIES, Client
 from .config import Config
-from .data import FederatedData, load_section
+from .data import ClientData, FederatedData, load_section
 from .errors import ConfigError, DataError
 from .faults import kill_point
 from .models import Denoiser, build_unet
@@ -71,7 +71,7 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"engine.device = {name!r} is not a device: use 'auto', 'cpu' or 'cuda'") from exc
 
 
-def conditioning(cfg: Config, data: FederatedData) -> tuple[int | None, int]:
+def conditioning(cfg: Config, data: DataSpec | FederatedData) -> tuple[int | None, int]:
     """(number of classes, number of attributes) the denoisers are conditioned on."""
     if not cfg.model.conditional:
         return None, 0
@@ -83,7 +83,7 @@ def conditioning(cfg: Config, data: FederatedData) -> tuple[int | None, int]:
     return data.num_classes, 0
 
 
-def build_denoiser(cfg: Config, data: FederatedData, seed: int) -> Denoiser:
+def build_denoiser(cfg: Config, data: DataSpec | FederatedData, seed: int) -> Denoiser:
     num_classes, num_attributes = conditioning(cfg, data)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -99,54 +99,87 @@ def make_policy(cfg: Config, cid: int) -> object:
     return UPLOAD_POLICIES[tr.upload_policy]()
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What the server must know of the clients' data to build its model: never the images themselves."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    num_attributes: int = 0
+
+    @classmethod
+    def of(cls, data: FederatedData) -> DataSpec:
+        return cls(data.name, data.num_classes, data.channels, data.image_size, data.num_attributes)
+
+
+def client_cuts(cfg: Config, client_ids: list[int]) -> dict[int, int]:
+    """Client id -> its t_zeta (split.client_cuts, or split.t_zeta for every client)."""
+    cut_list = cfg.split.client_cuts or [cfg.split.t_zeta] * len(client_ids)
+    if len(cut_list) != len(client_ids):
+        raise ConfigError(f"split.client_cuts has {len(cut_list)} cuts for {len(client_ids)} clients: give one "
+                          f"t_zeta per client, or leave it empty to use split.t_zeta for all")
+    return dict(zip(client_ids, cut_list, strict=True))
+
+
+def _schedule(cfg: Config) -> NoiseSchedule:
+    return NoiseSchedule.from_name(cfg.split.schedule, cfg.split.T, cfg.split.beta_start, cfg.split.beta_end)
+
+
+def _trainer(cfg: Config, spec: DataSpec | FederatedData, name: str, index: int) -> Trainer:
+    tr = cfg.train
+    return Trainer(name, build_denoiser(cfg, spec, seed_for(cfg, "init", index)), lr=tr.lr,
+                   weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index),
+                   device=resolve_device(cfg.engine.device))
+
+
+def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[int]) -> Server:
+    """The server of an experiment, from the config and what it knows of the data (no images)."""
+    split = Split(_schedule(cfg), cfg.split.t_zeta)
+    cuts = client_cuts(cfg, client_ids)
+    served = sorted({t for t in cuts.values() if t < cfg.split.T})
+    shared = cfg.split.server_model == "shared" and len(served) > 1
+    if len(served) == 1 or shared:
+        trainers = {-1 if shared else served[0]: _trainer(cfg, spec, "server", 0)}
+    else:  # one tail model per cut; the first keeps the single-cut seeds, the others get their own
+        trainers = {t: _trainer(cfg, spec, f"server (cut {t})", 0 if k == 0 else 1000 + t)
+                    for k, t in enumerate(served)}
+    num_classes, num_attributes = conditioning(cfg, spec)
+    tr = cfg.train
+    return Server(split, None, image_shape=(spec.channels, spec.image_size, spec.image_size),
+                  num_classes=num_classes, num_attributes=num_attributes, client_ids=list(client_ids),
+                  batch_size=tr.batch_size, epochs=tr.server_epochs, max_upload_images=max(tr.upload_size, 1),
+                  cuts=cuts, trainers=trainers, shared=shared)
+
+
+def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut: int) -> Client:
+    """One client, from the config, its own data and its cut: the same on every engine."""
+    tr = cfg.train
+    if len(d.train_x) < tr.batch_size:
+        raise DataError(f"client {d.cid} has {len(d.train_x)} training images, fewer than train.batch_size = "
+                        f"{tr.batch_size}: lower train.batch_size or give the client more data")
+    _, num_attributes = conditioning(cfg, spec)
+    return Client(d, Split(_schedule(cfg), cut),
+                  _trainer(cfg, spec, f"client {d.cid}", d.cid + 1) if cut > 0 else None,
+                  batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
+                  conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg, d.cid),
+                  seed=seed_for(cfg, "upload", d.cid))
+
+
 def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     """Everything one run needs, freshly initialised and seeded from ``cfg.run.seed``."""
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if data is None:
         data = load_section(cfg.data)
-    for c in data.clients:
-        if len(c.train_x) < cfg.train.batch_size:
-            raise DataError(f"client {c.cid} has {len(c.train_x)} training images, fewer than train.batch_size = "
-                            f"{cfg.train.batch_size}: lower train.batch_size or give the client more data")
-    schedule = NoiseSchedule.from_name(cfg.split.schedule, cfg.split.T, cfg.split.beta_start, cfg.split.beta_end)
-    split = Split(schedule, cfg.split.t_zeta)
-    cut_list = cfg.split.client_cuts or [cfg.split.t_zeta] * len(data.clients)
-    if len(cut_list) != len(data.clients):
-        raise ConfigError(f"split.client_cuts has {len(cut_list)} cuts for {len(data.clients)} clients: give one "
-                          f"t_zeta per client, or leave it empty to use split.t_zeta for all")
-    cuts = {d.cid: t for d, t in zip(data.clients, cut_list, strict=True)}
-    tr = cfg.train
-
-    device = resolve_device(cfg.engine.device)
-
-    def trainer(name: str, index: int) -> Trainer:
-        return Trainer(name, build_denoiser(cfg, data, seed_for(cfg, "init", index)), lr=tr.lr,
-                       weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index),
-                       device=device)
-
-    served = sorted({t for t in cuts.values() if t < cfg.split.T})
-    shared = cfg.split.server_model == "shared" and len(served) > 1
-    if len(served) == 1 or shared:
-        trainers = {-1 if shared else served[0]: trainer("server", 0)}
-    else:  # one tail model per cut; the first keeps the single-cut seeds, the others get their own
-        trainers = {t: trainer(f"server (cut {t})", 0 if k == 0 else 1000 + t) for k, t in enumerate(served)}
-    num_classes, num_attributes = conditioning(cfg, data)
-    server = Server(split, None, image_shape=(data.channels, data.image_size, data.image_size),
-                    num_classes=num_classes, num_attributes=num_attributes,
-                    client_ids=[c.cid for c in data.clients], batch_size=tr.batch_size, epochs=tr.server_epochs,
-                    max_upload_images=max(tr.upload_size, 1), cuts=cuts, trainers=trainers, shared=shared)
-    clients = [
-        Client(d, Split(schedule, cuts[d.cid]),
-               trainer(f"client {d.cid}", d.cid + 1) if cuts[d.cid] > 0 else None,
-               batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
-               conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg, d.cid),
-               seed=seed_for(cfg, "upload", d.cid))
-        for d in data.clients
-    ]
-    if tr.aggregation == "fedavg":
+    ids = [c.cid for c in data.clients]
+    cuts = client_cuts(cfg, ids)
+    clients = [build_client(cfg, data, d, cuts[d.cid]) for d in data.clients]
+    server = build_server(cfg, data, ids)
+    if cfg.train.aggregation == "fedavg":
         share_initial_weights(clients)
-    return Experiment(cfg, data, split, server, clients)
+    return Experiment(cfg, data, server.split, server, clients)
 
 
 def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None = None,
