@@ -122,7 +122,8 @@ def _restore(nc: NodeClient) -> None:
     try:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{state_path} is unreadable ({exc}); delete {nc.folder} to start the client afresh")
+        raise CheckpointError(f"{state_path} is unreadable ({exc}); delete {nc.folder} to start the client "
+                              f"afresh") from exc
     if state.get("digest") != nc.digest:
         raise CheckpointError(f"{nc.folder} holds client state of another config; give this node another "
                               f"state-dir or delete that folder")

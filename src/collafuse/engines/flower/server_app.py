@@ -33,8 +33,17 @@ from ...report import plot_losses, save_grid, save_handover, write_report
 from ...server import Server
 from ...split import describe_cuts
 from ..local import _num, _rate, prepare_run_dir
-from .protocol import FINISH, HELLO, LABELS, TRAIN, decode_upload, run_record, tensor_array, to_tensor, \
-    upload_wire_bytes
+from .protocol import (
+    FINISH,
+    HELLO,
+    LABELS,
+    TRAIN,
+    decode_upload,
+    run_record,
+    tensor_array,
+    to_tensor,
+    upload_wire_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,17 @@ def expected_clients(cfg: Config) -> int:
     if d.partition == "attributes":
         return len(d.attributes) or 5  # CelebA: the authors' five attribute clients
     return d.num_clients
+
+
+def check(cfg: Config) -> None:
+    """Refuse, before any node is asked, what the Flower engine cannot do."""
+    if cfg.train.aggregation != "none":
+        raise FlowerRunError(f"train.aggregation = {cfg.train.aggregation!r} is a baseline of the local engine; "
+                             f"use engine.name = 'local' for it")
+    n = expected_clients(cfg)
+    if cfg.engine.min_clients > n:
+        raise FlowerRunError(f"engine.min_clients = {cfg.engine.min_clients} is more than the {n} clients of the "
+                             f"config: lower it, or 0 for every client")
 
 
 @app.main()
@@ -143,17 +163,13 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     """Carry out one run over the nodes of ``grid``; writes the run folder and returns its metrics."""
     from tqdm.auto import tqdm
 
-    if cfg.train.aggregation != "none":
-        raise FlowerRunError(f"train.aggregation = {cfg.train.aggregation!r} is a baseline of the local engine; "
-                             f"use engine.name = 'local' for it")
+    check(cfg)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     prepare_run_dir(run_dir, cfg, resume=False)
     n = expected_clients(cfg)
     cids = list(range(n))
     need = cfg.engine.min_clients or n
-    if need > n:
-        raise FlowerRunError(f"engine.min_clients = {need} is more than the {n} clients of the config")
     fed = Federation(grid, cfg, node_dir)
     log.info(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
     fed.wait_for(cids, cfg.engine.wait_for_nodes)

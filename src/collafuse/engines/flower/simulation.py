@@ -36,8 +36,9 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
         raise CollafuseError("engine.name = 'flower' needs Flower with its simulation runtime: "
                              "pip install 'collafuse[flower]'") from exc
     from .client_app import app as client_app
-    from .server_app import expected_clients, serve
+    from .server_app import check, expected_clients, serve
 
+    check(cfg)
     run_dir = Path(run_dir)
     result: dict[str, Any] = {}
     server_app = ServerApp()

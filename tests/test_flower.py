@@ -1,0 +1,265 @@
+"""The Flower engine, run for real: Flower's simulation runtime, `flwr run .` against a simulation
+SuperLink, and a deployment of a SuperLink with one SuperNode per client (TLS, node authentication,
+a node killed and restarted). Every process is started here and stopped by its pid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collafuse import config
+from collafuse.client import Upload
+from collafuse.engines.flower.protocol import decode_upload, encode_upload
+from collafuse.errors import UploadRejected
+from collafuse.experiment import build
+from flower_support import (
+    Processes,
+    flwr,
+    free_port,
+    make_certificates,
+    make_node_key,
+    quiet_env,
+    run_config,
+    wait_http,
+    write_connection,
+)
+
+BIN = Path(sys.executable).parent
+# small and quick, one thread everywhere so that the engines can be compared bit for bit
+FAST = ["train.rounds=3", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20", "engine.threads=1",
+        "engine.return_samples=true"]
+
+
+def collafuse(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    e = quiet_env(tmp_path / "flwr_home", **env)
+    r = subprocess.run([str(BIN / "collafuse"), *args], capture_output=True, text=True, env=e, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def weights(run: Path, model: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "models" / model / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, model: str) -> None:
+    wa, wb = weights(a, model), weights(b, model)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{model}.{k} differs"
+
+
+def test_flower_simulation_equals_local_engine(tmp_path):
+    """Same config and seed: bit-identical weights, samples and losses (one thread on both sides, so that
+    no reduction is split differently between threads)."""
+    local, flower = tmp_path / "local", tmp_path / "flower"
+    collafuse(["run", "--quiet", "--out", str(local), *sets(FAST)], tmp_path)
+    r = collafuse(["run", "--engine", "flower", "--quiet", "--out", str(flower), *sets(FAST)], tmp_path)
+    assert "done:" in r.stdout
+    for model in ("server", "client_0", "client_1", "client_2"):
+        assert_same_weights(local, flower, model)
+    for png in ("client_0.png", "client_1.png", "client_2.png", "handover.png"):
+        assert (local / "samples" / png).read_bytes() == (flower / "samples" / png).read_bytes(), png
+    ml, mf = (json.loads((d / "metrics.json").read_text()) for d in (local, flower))
+    assert [h["server_loss"] for h in ml["history"]] == [h["server_loss"] for h in mf["history"]]
+    assert [h["client_loss"] for h in ml["history"]] == [h["client_loss"] for h in mf["history"]]
+    assert mf["engine"]["name"] == "flower" and mf["rejected_uploads"] == 0
+    assert mf["privacy"]["per_client"]["0"]["epsilon"] == pytest.approx(ml["privacy"]["per_client"]["0"]["epsilon"])
+    # the metrics an unmodified run reports, measured at the clients
+    assert set(mf["label_agreement"]["per_client"]) == {"0", "1", "2"}
+    assert mf["upload"]["wire_bytes_per_client_round"] >= mf["upload"]["bytes_per_client_round"] > 0
+    assert (flower / "report.md").exists() and (flower / "plots" / "loss.png").exists()
+
+
+def test_a_malformed_upload_is_refused_and_leaves_the_server_untouched(tmp_path):
+    """Client 1 sends NaN every round: each upload is refused with its reason, the run goes on, and the
+    server's weights are exactly those of a run in which client 1 sends nothing at all."""
+    flower, alone = tmp_path / "flower", tmp_path / "alone"
+    collafuse(["run", "--engine", "flower", "--quiet", "--out", str(flower), *sets(FAST)], tmp_path,
+              COLLAFUSE_FAULT_UPLOAD="1:nan")
+    collafuse(["run", "--quiet", "--out", str(alone), *sets([*FAST, "split.client_cuts=[200, 1000, 200]"])], tmp_path)
+    m = json.loads((flower / "metrics.json").read_text())
+    assert m["rejected_uploads"] == 3 and m["rounds"] == 3
+    assert all(r["client"] == 1 and "NaN" in r["reason"] for r in m["rejections"])
+    assert_same_weights(flower, alone, "server")
+
+
+@pytest.fixture(scope="module")
+def digits_exp():
+    return build(config.load(None, ["train.rounds=1", "train.upload_size=8"]))
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("float64", "dtype float64"), ("shape", "shape"), ("nan", "NaN"), ("oversize", "images; between"),
+    ("impostor", "claims to be from client"), ("late", "claims to be from round"), ("labels16", "labels are float16"),
+])
+def test_the_server_refuses_each_kind_of_malformed_upload(digits_exp, kind, why):
+    """What a client puts on the wire is decoded, then validated; every malformed kind is refused by name."""
+    up = digits_exp.clients[0].make_upload(0)
+    x, cid, rnd, y = up.x_t_zeta, up.client_id, 0, up.labels
+    if kind == "float64":
+        x = x.double()
+    elif kind == "shape":
+        x = x[:, :, :-1]
+    elif kind == "nan":
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+    elif kind == "oversize":
+        x = x.repeat(2000, 1, 1, 1)
+    elif kind == "impostor":
+        cid = 1
+    elif kind == "late":
+        rnd = 5
+    elif kind == "labels16":
+        y = y.half()
+    content = encode_upload(Upload(cid, rnd, up.t_zeta, x, y))
+    with pytest.raises(UploadRejected, match=why):
+        digits_exp.server.validate(decode_upload(content, expect_client=0, expect_round=0))
+    good = decode_upload(encode_upload(up), expect_client=0, expect_round=0)
+    assert digits_exp.server.validate(good) is good
+
+
+def test_flwr_run_against_a_simulation_superlink(tmp_path):
+    """`flwr run .` from the project root: the project is a Flower App; a simulation SuperLink runs it."""
+    home = tmp_path / "flwr_home"
+    env = quiet_env(home)
+    port = free_port()
+    write_connection(home, port)
+    procs = Processes(tmp_path)
+    try:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--simulation",
+                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                  "--port", str(port)], env)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        out = tmp_path / "run"
+        r = flwr(["run", ".", "test", "--stream", "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+                  "-c", run_config(out, FAST, out / "models")], env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["engine"]["name"] == "flower" and m["rounds"] == 3 and len(m["engine"]["nodes"]) == 3
+        assert all((out / "samples" / f"client_{c}.png").exists() for c in range(3))
+        assert (out / "models" / "client_2" / "node_state.json").exists()
+    finally:
+        procs.stop_all()
+
+
+def test_deployment_with_tls_and_node_authentication(tmp_path):
+    """A SuperLink with TLS and SuperNode authentication, three registered SuperNodes (one per client, each
+    its own process and port) and one unregistered SuperNode, which is refused. The run writes the same
+    run folder as the local engine."""
+    home = tmp_path / "flwr_home"
+    env = quiet_env(home)
+    certs = make_certificates(tmp_path)
+    port = free_port()
+    write_connection(home, port, certs["ca"])
+    procs = Processes(tmp_path)
+    try:
+        procs.start("superlink", ["flower-superlink", "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile",
+                                  str(certs["key"]), "--ssl-ca-certfile", str(certs["ca"]), "--enable-supernode-auth",
+                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                  "--port", str(port)], env)
+        wait_http(f"https://127.0.0.1:{port}/health", verify=str(certs["ca"]))
+        keys = [make_node_key(tmp_path, f"node{i}") for i in range(4)]
+        for _, pub in keys[:3]:
+            r = flwr(["supernode", "register", str(pub), "test"], env)
+            assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+        for i, (priv, _) in enumerate(keys):
+            procs.start(f"node{i}", ["flower-supernode", "--root-certificates", str(certs["ca"]), "--superlink",
+                                     f"127.0.0.1:{port}", "--auth-supernode-private-key", str(priv),
+                                     "--port", str(free_port()), "--node-config", f"partition-id={i % 3} threads=1"],
+                        env)
+        intruder = procs.procs["node3"]
+        assert intruder.wait(timeout=120) != 0  # the unregistered node is refused and gives up
+        assert "Failed to activate SuperNode" in procs.log("node3")
+        out = tmp_path / "run"
+        r = flwr(["run", ".", "test", "--stream", "-c", run_config(out, FAST, out / "models")], env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["rounds"] == 3 and m["rejected_uploads"] == 0 and len(m["engine"]["nodes"]) == 3
+        local = tmp_path / "local"
+        collafuse(["run", "--quiet", "--out", str(local), *sets(FAST)], tmp_path)
+        files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+        missing = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} - files
+        assert not missing, missing  # every file the local engine writes (checkpoints aside)
+        assert_same_weights(local, out, "server")  # separate processes, same maths
+    finally:
+        procs.stop_all()
+
+
+def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(tmp_path):
+    """SuperNode 2 is killed (SIGKILL) during the run: the rounds go on with the other two
+    (engine.min_clients = 2); restarted, it is greeted again and trains from its saved state."""
+    home = tmp_path / "flwr_home"
+    env = quiet_env(home)
+    port = free_port()
+    write_connection(home, port)
+    procs = Processes(tmp_path)
+    out = tmp_path / "run"
+    state = {i: out / "models" / f"client_{i}" / "node_state.json" for i in range(3)}
+
+    def rounds_done(i: int) -> int:
+        try:
+            return json.loads(state[i].read_text())["rounds_done"]
+        except (OSError, ValueError):
+            return 0
+
+    def wait_until(cond, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "timed out; logs in " + str(tmp_path)
+            time.sleep(0.5)
+
+    def node(i: int) -> None:
+        procs.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                 "--port", str(free_port()), "--node-config", f"partition-id={i} threads=1"], env)
+
+    try:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                  "--host", "127.0.0.1", "--port", str(port)], env)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        for i in range(3):
+            node(i)
+        overrides = ["train.rounds=7", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20",
+                     "engine.min_clients=2", "engine.round_timeout=25"]
+        run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "test", "--stream", "-c",
+                                run_config(out, overrides, out / "models")], cwd=Path(__file__).parents[1], env=env,
+                               stdout=open(tmp_path / "flwr_run.log", "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        procs.procs["flwr_run"] = run
+        wait_until(lambda: rounds_done(2) >= 1, 300)
+        procs.kill("node2")  # the node and its app processes, mid-run
+        killed_at = rounds_done(2)
+        wait_until(lambda: rounds_done(0) >= killed_at + 2, 300)  # two rounds without it
+        node(2)
+        assert run.wait(timeout=600) == 0, procs.log("flwr_run")[-3000:]
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["rounds"] == 7
+        absent = [h["round"] for h in m["history"] if 2 not in h["clients"]]
+        assert len(absent) >= 2 and m["history"][-1]["clients"] == [0, 1, 2], m["history"]
+        assert killed_at < rounds_done(2) < 7 and rounds_done(0) == 7
+        assert any("client 2" in e for e in m["engine"]["events"])
+        assert (out / "samples" / "client_2.png").exists() or m["sampling"]["returned_to_server"] is False
+    finally:
+        procs.stop_all()
+
+
+def test_flower_engine_errors_are_one_line(tmp_path):
+    e = quiet_env(tmp_path / "flwr_home")
+    for extra, msg in [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),
+                       (["--set", "train.aggregation=fedavg"], "baseline of the local engine"),
+                       (["--resume"], "--resume works with the local engine only")]:
+        r = subprocess.run([str(BIN / "collafuse"), "run", "--engine", "flower", "--out", str(tmp_path / "x"), *extra],
+                           capture_output=True, text=True, env=e, timeout=300)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
