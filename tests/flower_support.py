@@ -1,86 +1,11 @@
-"""Real Flower processes for the tests: a SuperLink, SuperNodes and ``flwr run``, each started here and
-stopped by its pid; certificates and node keys made here; FLWR_HOME in a temporary folder."""
+"""Certificates and SuperNode keys for the Flower tests, made here (the docs show the openssl and
+ssh-keygen commands a user would run instead)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def quiet_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                "COLLAFUSE_CACHE": str(flwr_home / "cache")})
-    env.update(extra)
-    return env
-
-
-class Processes:
-    """Start processes with their output in files; stop every one of them by pid."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
-                             cwd=self.folder, start_new_session=True)
-        self.procs[name] = p
-        return p
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        p = self.procs.pop(name)
-        try:
-            os.killpg(p.pid, sig)  # the node and the app processes it started
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=30)
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM if self.procs[name].poll() is None else signal.SIGKILL)
-
-
-def wait_http(url: str, timeout: float = 60.0, verify: str | bool = False) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2.0, verify=verify).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def write_connection(flwr_home: Path, port: int, ca: Path | None = None) -> None:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    tls = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n{tls}')
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -128,15 +53,3 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                   serialization.PublicFormat.OpenSSH))
     return priv, pub
-
-
-def flwr(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_config(out: Path, overrides: list[str], node_dir: Path | None = None) -> str:
-    parts = [f'out="{out}"', f'overrides="{";".join(overrides)}"']
-    if node_dir is not None:
-        parts.append(f'node-dir="{node_dir}"')
-    return " ".join(parts)

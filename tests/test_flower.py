@@ -16,20 +16,22 @@ from safetensors.torch import load_file
 
 from collafuse import config
 from collafuse.client import Upload
-from collafuse.engines.flower.protocol import decode_upload, encode_upload
-from collafuse.errors import UploadRejected
-from collafuse.experiment import build
-from flower_support import (
+from collafuse.engines.flower.launch import (
+    PROJECT,
     Processes,
     flwr,
     free_port,
-    make_certificates,
-    make_node_key,
     quiet_env,
     run_config,
+    superlink_args,
+    supernode_args,
     wait_http,
     write_connection,
 )
+from collafuse.engines.flower.protocol import decode_upload, encode_upload
+from collafuse.errors import UploadRejected
+from collafuse.experiment import build
+from flower_support import make_certificates, make_node_key
 
 BIN = Path(sys.executable).parent
 # small and quick, one thread everywhere so that the engines can be compared bit for bit
@@ -137,9 +139,7 @@ def test_flwr_run_against_a_simulation_superlink(tmp_path):
     write_connection(home, port)
     procs = Processes(tmp_path)
     try:
-        procs.start("superlink", ["flower-superlink", "--insecure", "--simulation",
-                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                                  "--port", str(port)], env)
+        procs.start("superlink", superlink_args(port, simulation=True), env)
         wait_http(f"http://127.0.0.1:{port}/health")
         out = tmp_path / "run"
         r = flwr(["run", ".", "test", "--stream", "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
@@ -164,20 +164,14 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
     write_connection(home, port, certs["ca"])
     procs = Processes(tmp_path)
     try:
-        procs.start("superlink", ["flower-superlink", "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile",
-                                  str(certs["key"]), "--ssl-ca-certfile", str(certs["ca"]), "--enable-supernode-auth",
-                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                                  "--port", str(port)], env)
+        procs.start("superlink", superlink_args(port, tls=certs, auth=True), env)
         wait_http(f"https://127.0.0.1:{port}/health", verify=str(certs["ca"]))
         keys = [make_node_key(tmp_path, f"node{i}") for i in range(4)]
         for _, pub in keys[:3]:
             r = flwr(["supernode", "register", str(pub), "test"], env)
             assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
         for i, (priv, _) in enumerate(keys):
-            procs.start(f"node{i}", ["flower-supernode", "--root-certificates", str(certs["ca"]), "--superlink",
-                                     f"127.0.0.1:{port}", "--auth-supernode-private-key", str(priv),
-                                     "--port", str(free_port()), "--node-config", f"partition-id={i % 3} threads=1"],
-                        env)
+            procs.start(f"node{i}", supernode_args(port, i % 3, ca=certs["ca"], key=priv), env)
         intruder = procs.procs["node3"]
         assert intruder.wait(timeout=120) != 0  # the unregistered node is refused and gives up
         assert "Failed to activate SuperNode" in procs.log("node3")
@@ -189,8 +183,12 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         local = tmp_path / "local"
         collafuse(["run", "--quiet", "--out", str(local), *sets(FAST)], tmp_path)
         files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-        missing = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} - files
-        assert not missing, missing  # every file the local engine writes (checkpoints aside)
+        missing = {p.relative_to(local).as_posix() for p in local.rglob("*")
+                   if p.is_file() and p.relative_to(local).parts[0] != "checkpoints"} - files
+        # every file the local engine writes, but for checkpoints and partition.json: which images a client
+        # holds stays on its node (client_<id>/partition.json)
+        assert missing == {"partition.json"}, missing
+        assert all((out / "models" / f"client_{i}" / "partition.json").exists() for i in range(3))
         assert_same_weights(local, out, "server")  # separate processes, same maths
     finally:
         procs.stop_all()
@@ -220,22 +218,17 @@ def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(t
             time.sleep(0.5)
 
     def node(i: int) -> None:
-        procs.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                 "--port", str(free_port()), "--node-config", f"partition-id={i} threads=1"], env)
+        procs.start(f"node{i}", supernode_args(port, i), env)
 
     try:
-        procs.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                  "--host", "127.0.0.1", "--port", str(port)], env)
+        procs.start("superlink", superlink_args(port), env)
         wait_http(f"http://127.0.0.1:{port}/health")
         for i in range(3):
             node(i)
         overrides = ["train.rounds=7", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20",
                      "engine.min_clients=2", "engine.round_timeout=25"]
-        run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "test", "--stream", "-c",
-                                run_config(out, overrides, out / "models")], cwd=Path(__file__).parents[1], env=env,
-                               stdout=open(tmp_path / "flwr_run.log", "wb"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-        procs.procs["flwr_run"] = run
+        run = procs.start("flwr_run", ["flwr", "run", ".", "test", "--stream", "-c",
+                                       run_config(out, overrides, out / "models")], env, cwd=PROJECT)
         wait_until(lambda: rounds_done(2) >= 1, 300)
         procs.kill("node2")  # the node and its app processes, mid-run
         killed_at = rounds_done(2)

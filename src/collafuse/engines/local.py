@@ -73,6 +73,7 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
     for r in bar:
+        began = time.perf_counter()
         client_metrics, uploads = [], []
         for c in exp.clients:
             client_metrics.append(c.train_round(tr.local_steps, r))
@@ -93,6 +94,7 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             "client_seconds": [m["seconds"] for m in client_metrics],
             "client_samples": [m["samples"] for m in client_metrics],
             "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
+            "seconds": time.perf_counter() - began, "ended_at": time.time(),
         })
         bar.set_postfix_str(_postfix(history[-1]), refresh=False)
         done = r + 1

@@ -102,6 +102,9 @@ def open_client(config_text: str, digest: str, node_config: dict, hint: str, run
     client = build_client(cfg, spec, data.clients[ids.index(cid)], client_cuts(cfg, ids)[cid])
     nc = NodeClient(client, spec, state_folder(node_config, hint, run_id, cid), digest)
     _restore(nc)
+    if data.partition is not None and not (nc.folder / "partition.json").exists():
+        # which images this client holds: the node's business, kept beside its state, never sent
+        write_text_atomic(nc.folder / "partition.json", json.dumps(data.partition[ids.index(cid)]))
     _CLIENTS[(run_id, cid)] = nc
     return nc
 
@@ -150,6 +153,9 @@ def save(nc: NodeClient) -> None:
         save_file({"upload": c.upload_generator.get_state(), "sent": c.sent}, str(tmp / "streams.safetensors"))
         write_text_atomic(tmp / "node_state.json", json.dumps({"rounds_done": nc.rounds_done, "digest": nc.digest,
                                                           "client": c.cid}))
+        for keep in ("partition.json", "samples.png"):  # what the node wrote beside its state
+            if (nc.folder / keep).exists():
+                shutil.copy2(nc.folder / keep, tmp / keep)
         replace_dir(tmp, nc.folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -190,11 +190,13 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
         ins = {cid: fed.content(instruction=ConfigRecord({"round": r, "local_steps": tr.local_steps,
                                                           "upload_size": tr.upload_size,
                                                           "t_zeta": server.cuts[cid]})) for cid in present}
+        began = time.perf_counter()
         replies = fed.send(TRAIN, ins, f"round {r + 1}", cfg.engine.round_timeout)
         if len(replies) < need:
             raise FlowerRunError(f"round {r + 1}: {len(replies)} of {n} clients answered (engine.min_clients = "
                                  f"{need}); see the log for why")
         history.append(_train_round(server, fed, replies, cids, r))
+        history[-1].update(seconds=time.perf_counter() - began, ended_at=time.time())
         bar.set_postfix_str(f"clients {len(replies)}/{n}", refresh=False)
     bar.close()
     wall = time.perf_counter() - start
