@@ -250,7 +250,8 @@ def test_flower_engine_errors_are_one_line(tmp_path):
     e = quiet_env(tmp_path / "flwr_home")
     for extra, msg in [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),
                        (["--set", "train.aggregation=fedavg"], "baseline of the local engine"),
-                       (["--resume"], "--resume works with the local engine only")]:
+                       (["--resume"], "--resume works with the local engine only"),
+                       (["--set", "train.batch_size=5000"], "fewer than train.batch_size = 5000")]:
         r = subprocess.run([str(BIN / "collafuse"), "run", "--engine", "flower", "--out", str(tmp_path / "x"), *extra],
                            capture_output=True, text=True, env=e, timeout=300)
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]

@@ -60,7 +60,9 @@ def expected_clients(cfg: Config) -> int:
     if d.partition == "class":
         return len(d.clients)
     if d.partition == "attributes":
-        return len(d.attributes) or 5  # CelebA: the authors' five attribute clients
+        from ...data.celeba import PAPER_CLIENTS
+
+        return len(d.attributes or PAPER_CLIENTS)
     return d.num_clients
 
 
@@ -94,6 +96,7 @@ class Federation:
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.info: dict[int, dict[str, Any]] = {}  # client id -> what its node said of itself
         self.greeted: set[int] = set()  # node ids that answered hello
+        self.failed: set[int] = set()  # node ids that answered hello with an error (asked again next time)
         self.events: list[str] = []
 
     def content(self, **records: Any) -> RecordDict:
@@ -137,8 +140,10 @@ class Federation:
         for r in self.grid.send_and_receive(msgs, timeout=timeout):
             nid = r.metadata.src_node_id
             if r.has_error():
+                self.failed.add(nid)
                 self.note(f"node {nid} could not start its client: {r.error.reason}")
                 continue
+            self.failed.discard(nid)
             info = dict(r.content.config_records["spec"])
             cid = int(info["client_id"])
             if cid in self.nodes and self.nodes[cid] != nid and self.nodes[cid] in online:
@@ -156,6 +161,9 @@ class Federation:
             self.greet(timeout=max(1.0, deadline - time.monotonic()))
             if set(cids) <= set(self.nodes) or time.monotonic() >= deadline:
                 return
+            online = set(self.grid.get_node_ids())
+            if len(online) >= len(cids) and online <= self.greeted | self.failed and self.failed & online:
+                return  # every node is here and has answered; those that failed will not mend by waiting
             time.sleep(1.0)
 
 
@@ -174,9 +182,10 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     log.info(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
     fed.wait_for(cids, cfg.engine.wait_for_nodes)
     if len(fed.nodes) < need:
+        why = f" (last: {fed.events[-1]})" if fed.events else ""
         raise FlowerRunError(f"only {len(fed.nodes)} of {n} clients' nodes answered within engine.wait_for_nodes = "
                              f"{cfg.engine.wait_for_nodes:g} s (need {need}): start one SuperNode per client with "
-                             f"--node-config 'partition-id=N'")
+                             f"--node-config 'partition-id=N'{why}")
     spec = _agreed_spec(fed.info)
     server = build_server(cfg, spec, cids)
     tr = cfg.train
@@ -185,7 +194,7 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     bar = tqdm(range(tr.rounds), desc="rounds", unit="round", disable=not progress)
     for r in bar:
         if r:
-            fed.greet()
+            fed.greet(cfg.engine.round_timeout)
         present = [cid for cid in cids if cid in fed.nodes]
         ins = {cid: fed.content(instruction=ConfigRecord({"round": r, "local_steps": tr.local_steps,
                                                           "upload_size": tr.upload_size,
@@ -248,7 +257,7 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
     for cut, trainer in server.trainers.items():
         name = "server" if len(server.trainers) == 1 else f"server_cut_{cut:04d}"
         trainer.sampling_model.save(run_dir / "models" / name)
-    fed.greet()
+    fed.greet(cfg.engine.round_timeout)
     s = cfg.sample
     present = [cid for cid in sorted(fed.nodes)]
     asks = {cid: fed.content(request=ConfigRecord({"n": s.n_per_client})) for cid in present}

@@ -39,6 +39,9 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     from .server_app import check, expected_clients, serve
 
     check(cfg)
+    from ...experiment import build
+
+    build(cfg)  # data and config problems surface here, before Flower and Ray start, as in the local engine
     run_dir = Path(run_dir)
     result: dict[str, Any] = {}
     server_app = ServerApp()
