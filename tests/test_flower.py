@@ -81,6 +81,11 @@ def test_flower_simulation_equals_local_engine(tmp_path):
     assert set(mf["label_agreement"]["per_client"]) == {"0", "1", "2"}
     assert mf["upload"]["wire_bytes_per_client_round"] >= mf["upload"]["bytes_per_client_round"] > 0
     assert (flower / "report.md").exists() and (flower / "plots" / "loss.png").exists()
+    # the run folder serves the other verbs: sample from the models the run exported
+    for run in (local, flower):
+        collafuse(["sample", str(run), "--client", "1", "-n", "6", "--set", "sample.sampler=ddim",
+                   "--set", "sample.steps=10", "--out", str(run / "again.png"), "--quiet"], tmp_path)
+    assert (local / "again.png").read_bytes() == (flower / "again.png").read_bytes()
 
 
 def test_a_malformed_upload_is_refused_and_leaves_the_server_untouched(tmp_path):

@@ -107,3 +107,31 @@ def load(path: Path, exp: Experiment) -> tuple[int, list[dict[str, Any]]]:
         else:
             c.sent = sent.clone()
     return int(state["round"]), list(state["history"])
+
+
+def load_exported(run_dir: Path, exp: Experiment) -> None:
+    """Restore ``exp`` from a Flower run's ``models/`` folder (it has no checkpoints): the server's sampling
+    weights, and each client's full state where its node kept it in the run folder."""
+    from safetensors.torch import load_file
+
+    models = Path(run_dir) / "models"
+    for key, trainer in exp.trainers.items():
+        folder = models / key
+        if not folder.exists():
+            where = ("its node's state-dir" if key.startswith("client_") else "the server")
+            raise CheckpointError(f"{folder} is missing: with the Flower engine it is kept by {where}; copy it "
+                                  f"there to use this run folder")
+        if key.startswith("client_"):
+            trainer.load(folder)  # the node's full training state
+        else:  # the server exports its sampling weights only
+            trainer.model.load_weights(folder)
+            if trainer.ema is not None:
+                trainer.ema.load_weights(folder)
+    for c in exp.clients:
+        path = models / f"client_{c.cid}" / "streams.safetensors"
+        if path.exists():
+            streams = load_file(str(path))
+            c.upload_generator.set_state(streams["upload"])
+            c.sent = streams["sent"].clone()
+        else:
+            log.warning("%s is missing: client %d's privacy accounting counts no uploads", path, c.cid)

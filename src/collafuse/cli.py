@@ -220,6 +220,9 @@ def _load_run(run_dir: Path, overrides: list[str], allowed: str):
     cfg = config.load(run_dir / "config.toml", overrides)
     exp = build(cfg)
     ck = checkpoint.latest(run_dir)
+    if ck is None and cfg.engine.name == "flower" and (run_dir / "metrics.json").exists():
+        checkpoint.load_exported(run_dir, exp)  # a finished Flower run keeps its models, not checkpoints
+        return exp
     if ck is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet; finish or resume the run first")
     checkpoint.load(ck, exp)

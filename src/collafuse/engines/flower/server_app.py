@@ -172,6 +172,7 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     from tqdm.auto import tqdm
 
     check(cfg)
+    cfg.engine.name = "flower"  # the run folder's config says which engine made it
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     prepare_run_dir(run_dir, cfg, resume=False)
