@@ -83,8 +83,12 @@ class Processes:
 
 def wait_http(url: str, timeout: float = 60.0, verify: str | bool = False) -> None:
     """Wait until ``url`` answers (a SuperLink's /health)."""
+    import ssl
+
     import httpx
 
+    if isinstance(verify, str):  # a CA file
+        verify = ssl.create_default_context(cafile=verify)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
