@@ -21,6 +21,7 @@ from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
+from ..server import Server
 from ..split import describe_cuts
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     metrics = {
         "t_zeta": exp.split.t_zeta, "T": exp.split.T,
         "cut": describe_cuts(exp.split.t_zeta, exp.split.T, list(exp.cuts.values())),
-        "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "server_model": server_model(exp),
+        "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "server_model": server_model(exp.server),
         "signal_at_cut": signal, "noise_at_cut": noise,
         "data": {"name": exp.data.name, "clients": exp.data.describe()},
         "rounds": len(history), "wall_seconds": wall,
@@ -185,10 +186,11 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     return metrics
 
 
-def server_model(exp: Experiment) -> str:
-    if exp.server.shared:
+def server_model(server: Server) -> str:
+    """What the server trains, in words."""
+    if server.shared:
         return "one shared model for every cut (predicts the full chain's epsilon)"
-    n = len(exp.server.trainers)
+    n = len(server.trainers)
     return "none" if n == 0 else ("one tail model" if n == 1 else f"one tail model per cut ({n})")
 
 

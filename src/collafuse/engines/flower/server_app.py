@@ -32,7 +32,7 @@ from ...files import write_text_atomic
 from ...report import plot_losses, save_grid, save_handover, write_report
 from ...server import Server
 from ...split import describe_cuts
-from ..local import _num, _rate, prepare_run_dir
+from ..local import _num, _rate, prepare_run_dir, server_model
 from .protocol import (
     FINISH,
     HELLO,
@@ -331,8 +331,7 @@ def _metrics(server: Server, fed: Federation, cfg: Config, history: list[dict[st
         "t_zeta": cfg.split.t_zeta, "T": cfg.split.T,
         "cut": describe_cuts(cfg.split.t_zeta, cfg.split.T, list(server.cuts.values())),
         "client_cuts": {str(k): v for k, v in server.cuts.items()},
-        "server_model": "one shared model for every cut (predicts the full chain's epsilon)" if server.shared
-        else ("one tail model" if len(server.trainers) == 1 else f"one tail model per cut ({len(server.trainers)})"),
+        "server_model": server_model(server),
         "signal_at_cut": signal, "noise_at_cut": noise,
         "data": {"name": next(iter(fed.info.values()))["name"],
                  "clients": [{"client": c, "classes": list(i["classes"]), "train": int(i["train"]),
