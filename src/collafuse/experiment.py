@@ -46,16 +46,18 @@ class Experiment:
     @property
     def trainers(self) -> dict[str, Trainer]:
         """Every model that learns, by the name its checkpoint folder has."""
-        out = {}
-        if len(self.server.trainers) == 1:
-            out["server"] = next(iter(self.server.trainers.values()))
-        else:
-            for cut, trainer in self.server.trainers.items():
-                out[f"server_cut_{cut:04d}"] = trainer
+        out = server_models(self.server)
         for c in self.clients:
             if c.trainer is not None:
                 out[f"client_{c.cid}"] = c.trainer
         return out
+
+
+def server_models(server: Server) -> dict[str, Trainer]:
+    """The server's models by the name of their folder: ``server``, or ``server_cut_NNNN`` per cut."""
+    if len(server.trainers) == 1:
+        return {"server": next(iter(server.trainers.values()))}
+    return {f"server_cut_{cut:04d}": trainer for cut, trainer in server.trainers.items()}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -115,11 +115,13 @@ class Server:
             try:
                 good.append(self.validate(up))
             except UploadRejected as exc:
-                cid = getattr(up, "client_id", -1)
-                rnd = getattr(up, "round", -1)
-                self.rejected.append((cid, rnd, str(exc)))
-                log.warning("rejected %s", exc)
+                self.reject(getattr(up, "client_id", -1), getattr(up, "round", -1), exc)
         return good
+
+    def reject(self, cid: int, round_: int, why: UploadRejected) -> None:
+        """Record and log a refused upload (by validation, or by an engine that could not decode it)."""
+        self.rejected.append((cid, round_, str(why)))
+        log.warning("rejected %s", why)
 
     def trainer_for(self, cid: int) -> Trainer | None:
         """The model that serves client ``cid`` (None if the client is alone)."""

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from ... import config as config_mod
 from ...config import Config
 from ...errors import CollafuseError, UploadRejected
-from ...experiment import DataSpec, build_server, seed_for
+from ...experiment import DataSpec, build_server, seed_for, server_models
 from ...files import write_text_atomic
 from ...report import plot_losses, save_grid, save_handover, write_report
 from ...server import Server
@@ -223,21 +223,20 @@ def _agreed_spec(info: dict[int, dict[str, Any]]) -> DataSpec:
 
 def _train_round(server: Server, fed: Federation, replies: dict[int, Message], cids: list[int], r: int
                  ) -> dict[str, Any]:
-    uploads, wire, refused = [], [], []
+    uploads, wire = [], []
+    before = len(server.rejected)
     for cid in sorted(replies):
         try:
             up = decode_upload(replies[cid].content, cid, r)
-        except UploadRejected as exc:
-            server.rejected.append((cid, r, str(exc)))
-            refused.append(str(exc))
-            fed.note(f"rejected {exc}")
+        except UploadRejected as exc:  # not even readable: refused like an upload that fails validation
+            server.reject(cid, r, exc)
             continue
         if up is not None:
             uploads.append(up)
             wire.append(upload_wire_bytes(replies[cid].content))
-    before = len(server.rejected)
     accepted = server.accept(uploads)  # logs each refusal with its reason
-    fed.events += [f"rejected {why}" for _, _, why in server.rejected[before:]]
+    refused = server.rejected[before:]
+    fed.events += [f"rejected {why}" for _, _, why in refused]
     m = server.train_round(accepted, r)
     got = {cid: dict(replies[cid].content.metric_records["metrics"]) for cid in replies}
     return {
@@ -248,20 +247,18 @@ def _train_round(server: Server, fed: Federation, replies: dict[int, Message], c
         "client_seconds": [float(got[c].get("seconds", 0.0)) if c in got else 0.0 for c in cids],
         "client_samples": [int(got[c].get("samples", 0)) if c in got else 0 for c in cids],
         "upload_bytes": [u.nbytes for u in uploads], "wire_bytes": wire,
-        "rejected": len(uploads) - len(accepted) + len(refused), "clients": sorted(replies),
+        "rejected": len(refused), "clients": sorted(replies),
     }
 
 
 def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history: list[dict[str, Any]],
             wall: float, progress: bool) -> dict[str, Any]:
     """Save the server's model, have every present client sample and evaluate, write metrics and report."""
-    for cut, trainer in server.trainers.items():
-        name = "server" if len(server.trainers) == 1 else f"server_cut_{cut:04d}"
+    for name, trainer in server_models(server).items():
         trainer.sampling_model.save(run_dir / "models" / name)
     fed.greet(cfg.engine.round_timeout)
     s = cfg.sample
-    present = [cid for cid in sorted(fed.nodes)]
-    asks = {cid: fed.content(request=ConfigRecord({"n": s.n_per_client})) for cid in present}
+    asks = {cid: fed.content(request=ConfigRecord({"n": s.n_per_client})) for cid in sorted(fed.nodes)}
     answers = fed.send(LABELS, asks, "labels", cfg.engine.round_timeout)
     labels = {cid: (to_tensor(a.content.array_records["labels"]["labels"], f"client {cid}'s labels")
                     if "labels" in a.content.array_records else None) for cid, a in sorted(answers.items())}
@@ -312,14 +309,11 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
 def _metrics(server: Server, fed: Federation, cfg: Config, history: list[dict[str, Any]], wall: float,
              evals: dict[int, dict[str, Any]], done: dict[int, Message], server_seconds: float,
              sampled: int) -> dict[str, Any]:
-    from ...split import Split
-
     n_img = cfg.sample.n_per_client * max(sampled, 1)
     steps = {cid: server.splits[server.cuts[cid]].sample_steps(cfg.sample.sampler, cfg.sample.steps)
              for cid in fed.info}
     per_image = [sum(steps[c][side] for c in steps) / max(len(steps), 1) for side in (0, 1)]
-    split = Split(server.split.schedule, cfg.split.t_zeta)
-    signal, noise = split.signal_noise_at_cut()
+    signal, noise = server.split.signal_noise_at_cut()
     upload_bytes = [b for h in history for b in h["upload_bytes"]]
     wire = [b for h in history for b in h["wire_bytes"]]
     la = {str(c): e["label_agreement"] for c, e in evals.items() if "label_agreement" in e}
