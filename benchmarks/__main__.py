@@ -33,76 +33,162 @@ import torch
 import torch.nn.functional as F
 
 from collafuse import config
-from collafuse.experiment import build
+from collafuse.experiment import build, resolve_device
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, reps: int = 10, device: str = "cpu") -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e9
 
 
+def example_loop(cfg: config.Config, unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 dev: torch.device):
+    """One step of diffusers' examples/unconditional_image_generation/train_unconditional.py, per step as
+    that script does it: a shuffled DataLoader (num_workers 0, its default) over PIL images with the
+    script's transforms (Resize, CenterCrop, ToTensor, Normalize; random flip off, its default), noise and
+    timesteps, add_noise, MSE, clip_grad_norm_(1.0), AdamW, the cosine learning-rate schedule with warm-up,
+    diffusers' EMAModel (its example run, train.sh, passes --use_ema) and the logged loss.item().
+    torchvision is not a dependency of collafuse, so its four transforms are written out with PIL."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from PIL import Image
+
+    size = images.shape[-1]
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    pil = [Image.fromarray(((im.permute(1, 2, 0).squeeze(-1).numpy() + 1) * 127.5).round().astype(np.uint8), mode)
+           for im in images]
+
+    def transform(img):  # Resize(size, bilinear), CenterCrop(size), ToTensor(), Normalize([0.5], [0.5])
+        img = img.convert(mode).resize((size, size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255)
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        return (x - 0.5) / 0.5
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(pil)
+
+        def __getitem__(self, i: int):
+            return {"input": transform(pil[i]), "label": labels[i]}
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=cfg.train.batch_size, shuffle=True, num_workers=0,
+                                         drop_last=True)
+    sched = DDPMScheduler(num_train_timesteps=cfg.split.T)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
+    lr_sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=500, num_training_steps=100_000)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    batches = iter(())
+
+    def step() -> float:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        clean, y = batch["input"].to(dev), batch["label"].to(dev)
+        noise = torch.randn(clean.shape, device=dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (clean.shape[0],), device=dev).long()
+        loss = F.mse_loss(unet(sched.add_noise(clean, noise, t), t, class_labels=y).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    return step
+
+
 def bench_training(cfg: config.Config, reps: int) -> dict:
+    """Our client's and server's training step against two diffusers loops on copies of the same UNet.
+
+    The bare loop is the floor: a fixed preloaded batch, the noise drawn on the device, add_noise, MSE, AdamW,
+    nothing else. The example loop is diffusers' unconditional training example, per step (example_loop).
+    Ours is a whole round's step as the engines run it: the client draws its batch from its preloaded
+    images; the server trains on one accepted upload of a batch.
+    """
     from diffusers import DDPMScheduler
     from torch.utils.flop_counter import FlopCounterMode
 
+    dev = resolve_device(cfg.engine.device)
     exp = build(cfg)
     client, server = exp.clients[0], exp.server
     B = cfg.train.batch_size
     x0 = client.data.train_x[:B]
     y0 = client.data.train_y[:B]
-    # the baseline: diffusers' unconditional-training-example loop on a copy of the same UNet
-    unet = build(cfg).clients[0].trainer.model.net
+    unet = build(cfg).clients[0].trainer.model.net.to(dev)
     sched = DDPMScheduler(num_train_timesteps=cfg.split.T)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
-    g = torch.Generator().manual_seed(0)
+    xd, yd = x0.to(dev), y0.to(dev)
+    g = torch.Generator(dev).manual_seed(0)
 
     def plain_step() -> None:
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, cfg.split.T, (B,), generator=g)
-        pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y0).sample
+        noise = torch.randn(xd.shape, generator=g, device=dev)
+        t = torch.randint(0, cfg.split.T, (B,), generator=g, device=dev)
+        pred = unet(sched.add_noise(xd, noise, t), t, class_labels=yd).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    uploads = torch.cat([client.make_upload(0).x_t_zeta for _ in range(1)])[:B]
+    example_step = example_loop(cfg, build(cfg).clients[0].trainer.model.net.to(dev), client.data.train_x,
+                                client.data.train_y, dev)
+    import dataclasses
+
+    upload = client.make_upload(0)  # one batch of uploads: one server step
+    upload = dataclasses.replace(upload, x_t_zeta=upload.x_t_zeta[:B],
+                                 labels=None if upload.labels is None else upload.labels[:B])
+    accepted = server.accept([upload])
 
     def client_step() -> None:
-        client.trainer.step(exp.split.client_chain, x0, y0)
+        client.train_round(1)
 
     def server_step() -> None:
-        server.trainer.step(exp.split.server_chain, uploads, y0)
+        server.train_round(accepted)
 
-    for f in (plain_step, client_step, server_step):
+    fns = {"plain": plain_step, "example": example_step, "client": client_step, "server": server_step}
+    for f in fns.values():
         f()
-    t_plain, t_client, t_server = [], [], []
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t_plain.append(_median_time(plain_step, 1))
-        t_client.append(_median_time(client_step, 1))
-        t_server.append(_median_time(server_step, 1))
+        for k, f in fns.items():  # interleaved, so that drift of the machine hits all alike
+            times[k].append(_median_time(f, 1))
     with FlopCounterMode(display=False) as counter:
         client_step()
     flops = counter.get_total_flops()
-    mm = matmul_gflops()
-    med = {k: statistics.median(v) for k, v in
-           {"plain": t_plain, "client": t_client, "server": t_server}.items()}
+    mm = matmul_gflops(4096 if dev.type == "cuda" else 1024, device=str(dev))
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "batch_size": B, "preset": cfg.model.preset,
+        "device": _device_name(dev), "batch_size": B, "preset": cfg.model.preset,
+        "image_shape": list(x0.shape[1:]), "precision": cfg.train.precision,
         "plain_diffusers_images_per_s": B / med["plain"],
+        "example_diffusers_images_per_s": B / med["example"],
         "client_images_per_s": B / med["client"],
         "server_images_per_s": B / med["server"],
         "client_vs_plain": med["plain"] / med["client"],
         "server_vs_plain": med["plain"] / med["server"],
+        "client_vs_example": med["example"] / med["client"],
+        "server_vs_example": med["example"] / med["server"],
         "gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / med["client"] / 1e9,
         "matmul_fp32_gflops": mm,
@@ -110,28 +196,44 @@ def bench_training(cfg: config.Config, reps: int) -> dict:
     }
 
 
-def bench_candidates(cfg: config.Config, reps: int) -> dict:
-    """Training-step time of speed-up candidates against the float32 step, same model and batch."""
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+CANDIDATES = ("float32", "bf16_autocast", "channels_last", "bf16_channels_last", "torch_compile",
+              "compile_cudagraphs")
+
+
+def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = CANDIDATES[:3] + CANDIDATES[4:5]) -> dict:
+    """Training-step time of speed-up candidates against the float32 step, same model, batch and device."""
     import copy
 
-    net = build(cfg).clients[0].trainer.model.net
+
+    dev = resolve_device(cfg.engine.device)
+    exp = build(cfg)
+    net = exp.clients[0].trainer.model.net
     B = cfg.train.batch_size
+    shape = (B, *exp.clients[0].data.train_x.shape[1:])
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, 1, 8, 8, generator=g)
-    t = torch.randint(1, cfg.split.T, (B,), generator=g)
-    y = torch.randint(0, 10, (B,), generator=g)
+    x = torch.randn(shape, generator=g).to(dev)
+    t = torch.randint(1, cfg.split.T, (B,), generator=g).to(dev)
+    y = torch.randint(0, 10, (B,), generator=g).to(dev)
 
     def make(variant: str):
-        m = copy.deepcopy(net)
+        m = copy.deepcopy(net).to(dev)
         xx = x
-        if variant == "channels_last":
+        if variant in ("channels_last", "bf16_channels_last"):
             m = m.to(memory_format=torch.channels_last)
             xx = x.to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-        run = torch.compile(m) if variant == "torch_compile" else m
+        run = m
+        if variant == "torch_compile":
+            run = torch.compile(m)
+        elif variant == "compile_cudagraphs":
+            run = torch.compile(m, mode="reduce-overhead")
 
         def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16_autocast"):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=variant.startswith("bf16")):
                 loss = F.mse_loss(run(xx, t, class_labels=y).sample.float(), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,20 +241,22 @@ def bench_candidates(cfg: config.Config, reps: int) -> dict:
 
         return step
 
-    fns = {v: make(v) for v in ("float32", "bf16_autocast", "channels_last", "torch_compile")}
+    fns = {v: make(v) for v in ("float32", *[v for v in variants if v != "float32"])}
     times: dict[str, list[float]] = {v: [] for v in fns}
     warmup = {}
     for v, f in fns.items():
+        _sync()
         start = time.perf_counter()
-        f()  # torch.compile compiles here (forward and backward)
-        f()
+        for _ in range(3):  # torch.compile compiles here (forward and backward); CUDA graphs record on the third
+            f()
+        _sync()
         warmup[v] = time.perf_counter() - start
     for _ in range(reps):
         for v, f in fns.items():
             times[v].append(_median_time(f, 1))
     med = {v: statistics.median(ts) for v, ts in times.items()}
     return {v: {"ms_per_step": 1000 * m, "speedup_over_float32": med["float32"] / m,
-                "first_two_steps_s": warmup[v]} for v, m in med.items()}
+                "first_three_steps_s": warmup[v]} for v, m in med.items()}
 
 
 def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
@@ -268,7 +372,7 @@ _RSS_CHILD = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
 from collafuse import config
-from collafuse.experiment import build
+from collafuse.experiment import build, resolve_device
 role = sys.argv[1]
 exp = build(config.load(None, []))
 c = exp.clients[0]
@@ -300,77 +404,113 @@ def bench_memory() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (about 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (about 5 minutes)")
     p.add_argument("--out", default="runs/benchmarks.json", help="JSON results (default runs/benchmarks.json)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(STEPS)}")
+    p.add_argument("--config", default=None, help="training and candidates on this config (default: the embedded one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for --config")
+    p.add_argument("--device", default="cpu", help="training and candidates on this device (cpu, cuda)")
     args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s] or list(STEPS)
+    unknown = [s for s in only if s not in STEPS]
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: choose from {', '.join(STEPS)}")
     cfg = config.load(None, [])
+    train_cfg = config.load(args.config, [f"engine.device='{args.device}'", *args.overrides])
     reps = 5 if args.quick else 20
+    gpu = resolve_device(train_cfg.engine.device).type == "cuda"
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}}
-    steps = [("training", lambda: bench_training(cfg, reps)),
-             ("candidates", lambda: bench_candidates(cfg, reps)),
-             ("sampling", lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100])),
-             ("sampler_quality", lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
-                                                               32 if args.quick else 100, [25, 50, 100])),
-             ("client_cost", lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50])),
-             ("communication", lambda: bench_communication(cfg)),
-             ("memory", bench_memory)]
-    for name, fn in steps:
-        t0 = time.perf_counter()
-        results[name] = fn()
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
-    print(render(results))
+    steps = {"training": lambda: bench_training(train_cfg, reps),
+             "candidates": lambda: bench_candidates(train_cfg, reps, CANDIDATES if gpu else
+                                                    ("float32", "bf16_autocast", "channels_last", "torch_compile")),
+             "sampling": lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100]),
+             "sampler_quality": lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
+                                                              32 if args.quick else 100, [25, 50, 100]),
+             "client_cost": lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50]),
+             "communication": lambda: bench_communication(cfg),
+             "memory": bench_memory}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    for name in only:
+        t0 = time.perf_counter()
+        results[name] = steps[name]()
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        out.write_text(json.dumps(results, indent=1))  # what is done so far survives a later failure
+    print(render(results))
     print(f"wrote {out}")
     return 0
 
 
+STEPS = ("training", "candidates", "sampling", "sampler_quality", "client_cost", "communication", "memory")
+
+
 def _warmup(variant: str, c: dict) -> str:
-    if variant != "torch_compile" or "first_two_steps_s" not in c:
+    if "compile" not in variant:
         return ""
-    return f" (compiling took {c['first_two_steps_s']:.0f} s)"
+    return f" (the first three steps, compiling, took {c['first_three_steps_s']:.0f} s)"
 
 
 def render(r: dict) -> str:
-    tr, sp, cc, cm, mem = r["training"], r["sampling"], r["client_cost"], r["communication"], r["memory"]
-    cand = r["candidates"]
-    lines = [
-        "| measurement | collafuse | baseline | ratio |", "|---|---|---|---|",
-        f"| client training, images/s (batch {tr['batch_size']}) | {tr['client_images_per_s']:.0f} | "
-        f"{tr['plain_diffusers_images_per_s']:.0f} (plain diffusers loop) | {tr['client_vs_plain']:.2f}x |",
-        f"| server training, images/s | {tr['server_images_per_s']:.0f} | "
-        f"{tr['plain_diffusers_images_per_s']:.0f} (plain diffusers loop) | {tr['server_vs_plain']:.2f}x |",
-        f"| achieved GFLOP/s in a client step | {tr['achieved_gflops']:.1f} | {tr['matmul_fp32_gflops']:.1f} "
-        f"(fp32 1024^2 matmul) | {tr['achieved_over_matmul']:.2f} |",
-        *[f"| training step with {v}, ms{_warmup(v, c)} | {c['ms_per_step']:.1f} | "
-          f"{cand['float32']['ms_per_step']:.1f} (float32) | {c['speedup_over_float32']:.2f}x |"
-          for v, c in cand.items() if v != "float32"],
-        f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} (split) | "
-        f"{sp['plain_diffusers_ddpm_s_per_image']:.4f} (DDPMScheduler.step loop) | {sp['split_vs_plain']:.2f}x |",
-    ]
-    for k, v in sp.items():
-        if k.endswith("_speedup_over_ddpm"):
-            steps = k[len("ddim"):-len("_speedup_over_ddpm")]
-            lines.append(f"| DDIM-{steps} sampling, s/image | {sp[f'split_ddim{steps}_s_per_image']:.4f} | "
-                         f"{sp['split_ddpm_s_per_image']:.4f} (split DDPM-1000) | {v:.1f}x faster |")
-    sq = r["sampler_quality"]
-    for key, row in sq["rows"].items():
-        name = "DDPM-1000" if key.startswith("ddpm") else f"DDIM-{key[4:]}"
-        seed = f", seed {key[-1]}" if key.startswith("ddpm") else ""
-        lines.append(f"| domain FID, {name}{seed} ({sq['images_per_client']} images/client, model after "
-                     f"{sq['rounds']} rounds) | {row['domain_fid']:.3f} | mean of the two DDPM-1000 seeds | "
-                     f"{row['vs_ddpm']:.2f} |")
-    for row in cc["rows"]:
-        lines.append(f"| client sampling cost at t_zeta = {row['t_zeta']}, s/image | {row['client_s_per_image']:.4f}"
-                     f" | t_zeta/T = {row['t_zeta_over_T']:.2f} of the lone client's | {row['share_of_alone']:.3f} |")
-    lines += [
-        f"| upload per client and round, bytes | {cm['upload_float32_bytes']} (float32), "
-        f"{cm['upload_float16_bytes']} (float16) | {cm['fedavg_bytes_per_client_round']} (FedAvg, "
-        f"{cm['model_parameters']} parameters down and up) | {cm['fedavg_over_float32_upload']:.0f}x less |",
-        f"| peak RSS, MiB | client {mem['client_peak_rss_mib']:.0f}, server {mem['server_peak_rss_mib']:.0f} | | |",
-    ]
+    """The table of whatever sections ``r`` holds."""
+    lines = ["| measurement | collafuse | baseline | ratio |", "|---|---|---|---|"]
+    if "training" in r:
+        tr = r["training"]
+        on = f"{tr.get('device', 'cpu')}, {tr.get('preset', 'tiny')}, batch {tr['batch_size']}"
+        mm = "4096^2" if "cpu" not in tr.get("device", "cpu") else "1024^2"
+        lines += [
+            f"| client training, images/s ({on}) | {tr['client_images_per_s']:.0f} | "
+            f"{tr['plain_diffusers_images_per_s']:.0f} (bare diffusers loop) | {tr['client_vs_plain']:.2f}x |",
+            f"| server training, images/s | {tr['server_images_per_s']:.0f} | "
+            f"{tr['plain_diffusers_images_per_s']:.0f} (bare diffusers loop) | {tr['server_vs_plain']:.2f}x |"]
+        if "example_diffusers_images_per_s" in tr:
+            lines += [
+                f"| client training, images/s | {tr['client_images_per_s']:.0f} | "
+                f"{tr['example_diffusers_images_per_s']:.0f} (diffusers' training example) | "
+                f"{tr['client_vs_example']:.2f}x |",
+                f"| server training, images/s | {tr['server_images_per_s']:.0f} | "
+                f"{tr['example_diffusers_images_per_s']:.0f} (diffusers' training example) | "
+                f"{tr['server_vs_example']:.2f}x |"]
+        lines += [
+            f"| achieved GFLOP/s in a client step | {tr['achieved_gflops']:.1f} | {tr['matmul_fp32_gflops']:.1f} "
+            f"(fp32 {mm} matmul) | {tr['achieved_over_matmul']:.2f} |"]
+    if "candidates" in r:
+        cand = r["candidates"]
+        lines += [f"| training step with {v}, ms{_warmup(v, c)} | {c['ms_per_step']:.1f} | "
+                  f"{cand['float32']['ms_per_step']:.1f} (float32) | {c['speedup_over_float32']:.2f}x |"
+                  for v, c in cand.items() if v != "float32"]
+    if "sampling" in r:
+        sp = r["sampling"]
+        lines.append(f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} "
+                     f"(split) | {sp['plain_diffusers_ddpm_s_per_image']:.4f} (DDPMScheduler.step loop) | "
+                     f"{sp['split_vs_plain']:.2f}x |")
+        for k, v in sp.items():
+            if k.endswith("_speedup_over_ddpm"):
+                steps = k[len("ddim"):-len("_speedup_over_ddpm")]
+                lines.append(f"| DDIM-{steps} sampling, s/image | {sp[f'split_ddim{steps}_s_per_image']:.4f} | "
+                             f"{sp['split_ddpm_s_per_image']:.4f} (split DDPM-1000) | {v:.1f}x faster |")
+    if "sampler_quality" in r:
+        sq = r["sampler_quality"]
+        for key, row in sq["rows"].items():
+            name = "DDPM-1000" if key.startswith("ddpm") else f"DDIM-{key[4:]}"
+            seed = f", seed {key[-1]}" if key.startswith("ddpm") else ""
+            lines.append(f"| domain FID, {name}{seed} ({sq['images_per_client']} images/client, model after "
+                         f"{sq['rounds']} rounds) | {row['domain_fid']:.3f} | mean of the two DDPM-1000 seeds | "
+                         f"{row['vs_ddpm']:.2f} |")
+    if "client_cost" in r:
+        for row in r["client_cost"]["rows"]:
+            lines.append(f"| client sampling cost at t_zeta = {row['t_zeta']}, s/image | "
+                         f"{row['client_s_per_image']:.4f} | t_zeta/T = {row['t_zeta_over_T']:.2f} of the lone "
+                         f"client's | {row['share_of_alone']:.3f} |")
+    if "communication" in r:
+        cm = r["communication"]
+        lines.append(f"| upload per client and round, bytes | {cm['upload_float32_bytes']} (float32), "
+                     f"{cm['upload_float16_bytes']} (float16) | {cm['fedavg_bytes_per_client_round']} (FedAvg, "
+                     f"{cm['model_parameters']} parameters down and up) | {cm['fedavg_over_float32_upload']:.0f}x less |")
+    if "memory" in r:
+        mem = r["memory"]
+        lines.append(f"| peak RSS, MiB | client {mem['client_peak_rss_mib']:.0f}, server "
+                     f"{mem['server_peak_rss_mib']:.0f} | | |")
     return "\n".join(lines)
 
 

@@ -1,13 +1,15 @@
 """Train and sample the CIFAR-10 config (configs/cifar10.toml) on a GPU, on data of CIFAR-10's shape.
 
     python -m benchmarks.gpu_cifar [--rounds 200] [--device auto] [--out runs/gpu-cifar]
+    python -m benchmarks.gpu_cifar --write-data DIR   # only the data, for other commands' data.root=DIR
 
 The GPU machines cannot download CIFAR-10, so the script writes CIFAR-10-shaped data in the real
 format (python pickle batches of 32x32 RGB images, 10 classes; each class its own colour and stripe
 pattern plus noise) and runs the real loader, training loop and split sampling on it. It prints the
 card, the training throughput of the server and the clients, and the sampling time per image, and
-writes them as JSON. One call takes a few minutes on a GPU; `--device cpu --rounds 2 --per-batch 40
---set model.preset=\"tiny\"` is a smoke test for a CPU.
+writes them as JSON, with the loss curves, so that two calls (say `--set train.precision=\"bfloat16\"`
+against the default, or two `--set run.seed=N`) compare. One call takes a few minutes on a GPU;
+`--device cpu --rounds 2 --per-batch 200 --set model.preset=\"tiny\"` is a smoke test for a CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--write-data", default=None, metavar="DIR",
+                   help="only write the CIFAR-shaped batches into DIR/cifar-10-batches-py (for data.root=DIR)")
     args = p.parse_args(argv)
+    if args.write_data:
+        print(write_cifar_shaped(Path(args.write_data) / "cifar-10-batches-py", args.per_batch))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = write_cifar_shaped(Path(tmp) / "cifar-10-batches-py", args.per_batch)
         cfg = config.load(CONFIG, [f"data.root=\"{root.parent}\"", f"train.rounds={args.rounds}",
@@ -74,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
               "clients": len(metrics["data"]["clients"]),
               "server_images_per_s": tr["server"]["images_per_s"], "client_images_per_s": tr["client"]["images_per_s"],
               "sampling_s_per_image": sp["seconds_per_image"], "sampler": f"{sp['sampler']}-{sp['steps']}",
-              "wall_seconds": wall, "final_server_loss": tr["server"]["final_loss"]}
+              "precision": cfg.train.precision, "seed": cfg.run.seed,
+              "wall_seconds": wall, "final_server_loss": tr["server"]["final_loss"],
+              "server_loss": [h["server_loss"] for h in metrics["history"]],
+              "client_loss": [float(np.mean(h["client_loss"])) for h in metrics["history"]]}
+    tail = slice(-max(1, args.rounds // 4), None)  # the last quarter of the rounds
+    result["last_quarter_server_loss"] = float(np.mean(result["server_loss"][tail]))
+    result["last_quarter_client_loss"] = float(np.mean(result["client_loss"][tail]))
     print(f"device: {dev} (torch {torch.__version__})")
     print(f"{args.rounds} rounds, preset {cfg.model.preset}, batch {cfg.train.batch_size}, "
           f"{result['clients']} clients: server {result['server_images_per_s']:.0f} images/s, clients "
           f"{result['client_images_per_s']:.0f} images/s; sampling ({result['sampler']}) "
           f"{1000 * result['sampling_s_per_image']:.1f} ms per image; {wall:.1f} s in all")
+    print(f"precision {cfg.train.precision}, seed {cfg.run.seed}: mean loss over the last quarter of the rounds "
+          f"server {result['last_quarter_server_loss']:.4f}, clients {result['last_quarter_client_loss']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -51,6 +51,7 @@ def test_fraction_of_T_only_on_the_command_line(tmp_path: Path) -> None:
     ("model.preset=huge", "model.preset = 'huge' is out of range"),
     ("sample.sampler=euler", "sample.sampler = 'euler' is out of range"),
     ("sample.steps=0", "sample.steps = 0 is out of range"),
+    ("train.precision=float16", "train.precision = 'float16' is out of range"),
     ("split.beta_end=0.00001", "split.beta_end"),
     ("train.rounds", "must look like section.key=value"),
 ])

@@ -58,3 +58,36 @@ def test_label_dropout_uses_the_null_label() -> None:
     out = den.drop_labels(y, torch.Generator().manual_seed(0))
     frac = float((out == 10).float().mean())
     assert abs(frac - 0.5) < 0.03 and set(out.unique().tolist()) == {0, 10}
+
+
+def test_bfloat16_precision_autocasts_only_the_training_forward() -> None:
+    """train.precision = "bfloat16": the same step in bfloat16 arithmetic; weights, optimiser and loss stay float32."""
+    from collafuse import config
+    from collafuse.experiment import build
+
+    losses, steps = {}, {}
+    for precision in ("float32", "bfloat16"):
+        exp = build(config.load(None, [f"train.precision='{precision}'", "engine.threads=1"]))
+        client = exp.clients[0]
+        assert client.trainer.autocast_dtype == (torch.bfloat16 if precision == "bfloat16" else None)
+        x0, y0 = client.data.train_x[:16], client.data.train_y[:16]
+        losses[precision] = client.trainer.step(exp.split.client_chain, x0, y0)
+        params = list(client.trainer.model.parameters())
+        assert all(p.dtype == torch.float32 for p in params)
+        assert all(v.dtype == torch.float32 for st in client.trainer.opt.state.values()
+                   for k, v in st.items() if k != "step")
+        steps[precision] = torch.cat([p.detach().flatten() for p in params])
+        eps = client.trainer.eps_fn(y0)(x0, torch.full((16,), 5))
+        assert eps.dtype == torch.float32  # sampling is not autocast
+    # the same seed draws the same batch, so the two losses differ only by the arithmetic: close, not equal
+    assert losses["float32"] != losses["bfloat16"]
+    assert abs(losses["float32"] - losses["bfloat16"]) < 0.02 * losses["float32"]
+    assert not torch.equal(steps["float32"], steps["bfloat16"])
+
+
+def test_the_optimiser_is_adamw_with_the_fused_kernel_on_the_cpu() -> None:
+    from collafuse import config
+    from collafuse.experiment import build
+
+    trainer = build(config.load(None, ["engine.threads=1"])).clients[0].trainer
+    assert isinstance(trainer.opt, torch.optim.AdamW) and trainer.opt.defaults["fused"] is True

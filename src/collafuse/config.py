@@ -73,6 +73,7 @@ class TrainSection:
     weight_decay: float = 0.0
     ema_decay: float = 0.995
     upload_dtype: str = "float32"
+    precision: str = "float32"  # "bfloat16": autocast the denoiser's training forward (docs/performance.md)
     upload_policy: str = "fresh"  # "once": each image noised a single time (see docs/privacy.md)
     clip_norm: float = 0.0  # per-image L2 clip of x_0 before noising for "once" (0: none; bound sqrt(C*H*W))
     aggregation: str = "none"  # "fedavg": average the clients' models after every round (baseline)
@@ -166,6 +167,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "train.weight_decay": (lambda v, c: v >= 0, ">= 0"),
     "train.ema_decay": (lambda v, c: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
     "train.upload_dtype": (lambda v, c: v in ("float32", "float16"), "'float32' or 'float16'"),
+    "train.precision": (lambda v, c: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
     "train.upload_policy": (lambda v, c: v in ("fresh", "once"), "'fresh' or 'once'"),
     "train.clip_norm": (lambda v, c: v >= 0, ">= 0 (0: no clipping)"),
     "train.aggregation": (lambda v, c: v in ("none", "fedavg") and (v == "none" or (

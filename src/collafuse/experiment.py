@@ -133,7 +133,7 @@ def _trainer(cfg: Config, spec: DataSpec | FederatedData, name: str, index: int)
     tr = cfg.train
     return Trainer(name, build_denoiser(cfg, spec, seed_for(cfg, "init", index)), lr=tr.lr,
                    weight_decay=tr.weight_decay, ema_decay=tr.ema_decay, seed=seed_for(cfg, "train", index),
-                   device=resolve_device(cfg.engine.device))
+                   device=resolve_device(cfg.engine.device), precision=tr.precision)
 
 
 def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[int]) -> Server:

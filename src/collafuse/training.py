@@ -19,20 +19,33 @@ class NonFiniteLoss(CollafuseError):
     """A training loss became NaN or infinite."""
 
 
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with its fused kernel where PyTorch has one for the device (the same update, 1.08x faster steps
+    on the CPU in benchmarks/); the multi-tensor one elsewhere."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older PyTorch, or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class Trainer:
     """Trains one denoiser with the epsilon loss on one chain; keeps everything needed to resume."""
 
     def __init__(self, name: str, denoiser: Denoiser, lr: float, weight_decay: float, ema_decay: float,
-                 seed: int, grad_clip: float = 1.0, device: str | torch.device = "cpu") -> None:
+                 seed: int, grad_clip: float = 1.0, device: str | torch.device = "cpu",
+                 precision: str = "float32") -> None:
         self.name = name
         self.device = torch.device(device)
         self.model = denoiser.to(self.device)
-        self.opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=weight_decay)
+        self.opt = _adamw(denoiser.parameters(), lr=lr, weight_decay=weight_decay)
         self.ema_decay = ema_decay
         self.ema = copy.deepcopy(denoiser).requires_grad_(False) if ema_decay > 0 else None
         self.grad_clip = grad_clip
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
+        # bfloat16 autocast of the training forward; weights, optimiser, loss and sampling stay float32
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
 
     @property
     def sampling_model(self) -> Denoiser:
@@ -48,7 +61,7 @@ class Trainer:
         x_start, eps, t, y = self.to_device(x_start, eps, t, y)
         x_t = chain.q_sample(x_start, eps, t).float()
         self.model.train()
-        return self._update(F.mse_loss(self.model(x_t, t, y), eps), where)
+        return self._update(F.mse_loss(self._forward(x_t, t, y), eps), where)
 
     def to_device(self, *tensors: Tensor | None) -> list[Tensor | None]:
         """The tensors on this trainer's device (None stays None)."""
@@ -78,7 +91,14 @@ class Trainer:
         y = self.model.drop_labels(y, g)
         x_t, t, y, scale, eps = self.to_device(x_t, t, y, scale, eps)
         self.model.train()
-        return self._update(F.mse_loss(scale * self.model(x_t, t, y), eps), where)
+        return self._update(F.mse_loss(scale * self._forward(x_t, t, y), eps), where)
+
+    def _forward(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """The training forward, under autocast when the trainer's precision asks for it; float32 out."""
+        if self.autocast_dtype is None:
+            return self.model(x_t, t, y)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(x_t, t, y).float()
 
     def _update(self, loss: Tensor, where: str) -> float:
         """Check the loss, take the optimiser step and update the EMA copy."""
