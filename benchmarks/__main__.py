@@ -204,7 +204,10 @@ CANDIDATES = ("float32", "bf16_autocast", "channels_last", "bf16_channels_last",
               "compile_cudagraphs")
 
 
-def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = CANDIDATES[:3] + CANDIDATES[4:5]) -> dict:
+CPU_CANDIDATES = ("float32", "bf16_autocast", "channels_last", "torch_compile")
+
+
+def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = CPU_CANDIDATES) -> dict:
     """Training-step time of speed-up candidates against the float32 step, same model, batch and device."""
     import copy
 
@@ -422,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "torch": torch.__version__, "threads": torch.get_num_threads()}}
     steps = {"training": lambda: bench_training(train_cfg, reps),
-             "candidates": lambda: bench_candidates(train_cfg, reps, CANDIDATES if gpu else
-                                                    ("float32", "bf16_autocast", "channels_last", "torch_compile")),
+             "candidates": lambda: bench_candidates(train_cfg, reps, CANDIDATES if gpu else CPU_CANDIDATES),
              "sampling": lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100]),
              "sampler_quality": lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
                                                               32 if args.quick else 100, [25, 50, 100]),
@@ -506,7 +508,8 @@ def render(r: dict) -> str:
         cm = r["communication"]
         lines.append(f"| upload per client and round, bytes | {cm['upload_float32_bytes']} (float32), "
                      f"{cm['upload_float16_bytes']} (float16) | {cm['fedavg_bytes_per_client_round']} (FedAvg, "
-                     f"{cm['model_parameters']} parameters down and up) | {cm['fedavg_over_float32_upload']:.0f}x less |")
+                     f"{cm['model_parameters']} parameters down and up) | "
+                     f"{cm['fedavg_over_float32_upload']:.0f}x less |")
     if "memory" in r:
         mem = r["memory"]
         lines.append(f"| peak RSS, MiB | client {mem['client_peak_rss_mib']:.0f}, server "

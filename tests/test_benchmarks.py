@@ -38,8 +38,8 @@ def test_gpu_script_runs_the_cifar_config_on_cifar_shaped_data(tmp_path) -> None
 def test_the_diffusers_example_baseline_trains_from_its_own_data_loader() -> None:
     """The example-loop baseline really runs the example's per-step work: transforms, schedule, EMA, step."""
     import torch
-
     from benchmarks.__main__ import example_loop
+
     from collafuse.experiment import build
 
     cfg = config.load(None, ["train.batch_size=8"])
