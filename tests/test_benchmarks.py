@@ -51,3 +51,22 @@ def test_the_diffusers_example_baseline_trains_from_its_own_data_loader() -> Non
     losses = [step() for _ in range(5)]  # 2 batches of 8 per pass over 20 images: the loader restarts
     assert all(isinstance(v, float) and 0 < v < 10 for v in losses)
     assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))
+
+
+def test_gpu_script_compares_precisions_against_the_spread_of_seeds(tmp_path) -> None:
+    import json
+
+    from benchmarks.gpu_cifar import main
+
+    out = tmp_path / "runs.json"
+    assert main(["--device", "cpu", "--rounds", "2", "--per-batch", "20", "--set", "model.preset=\"tiny\"",
+                 "--set", "train.batch_size=8", "--set", "train.upload_size=8", "--set", "sample.steps=2",
+                 "--set", "engine.threads=1", "--runs", "float32:0,float32:1,bfloat16:0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(x["precision"], x["seed"]) for x in r["runs"]] == [("float32", 0), ("float32", 1), ("bfloat16", 0)]
+    rows = {(row["who"], row["run"]): row for row in r["comparison"]["rows"]}
+    ref, other = r["runs"][0], r["runs"][2]
+    row = rows[("server", "bfloat16 seed 0")]
+    assert row["difference"] == abs(other["last_quarter_server_loss"] - ref["last_quarter_server_loss"])
+    assert row["seed_spread"] == abs(r["runs"][1]["last_quarter_server_loss"] - ref["last_quarter_server_loss"])
+    assert row["within_spread"] == (row["difference"] <= row["seed_spread"])

@@ -27,8 +27,14 @@ def free_port() -> int:
 
 
 def quiet_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    """This process's environment with FLWR_HOME and a cache of its own, and nothing that phones home."""
+    """This process's environment with FLWR_HOME and a cache of its own, and nothing that phones home.
+
+    This Python's bin folder leads PATH: the SuperLink and SuperNodes start Flower's own commands
+    (flower-superexec, flwr-serverapp, flwr-clientapp) by name, also when the virtual environment is not
+    activated.
+    """
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(BIN), *[p for p in env.get("PATH", "").split(os.pathsep) if p]])
     env.update(QUIET_ENV)
     env.update({"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1", "COLLAFUSE_CACHE": str(flwr_home / "cache")})
     env.update(extra)
