@@ -200,17 +200,18 @@ def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
-CANDIDATES = ("float32", "bf16_autocast", "channels_last", "bf16_channels_last", "torch_compile",
+CANDIDATES = ("float32", "fused_adamw", "bf16_autocast", "channels_last", "bf16_channels_last", "torch_compile",
               "compile_cudagraphs")
-
-
-CPU_CANDIDATES = ("float32", "bf16_autocast", "channels_last", "torch_compile")
+CPU_CANDIDATES = ("float32", "fused_adamw", "bf16_autocast", "channels_last", "torch_compile")
 
 
 def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = CPU_CANDIDATES) -> dict:
-    """Training-step time of speed-up candidates against the float32 step, same model, batch and device."""
-    import copy
+    """Training-step time of speed-up candidates against the float32 step, same model, batch and device.
 
+    Every variant starts from the same weights and takes the same steps on the same batch, so the largest
+    difference of its final weights from the float32 step's says how far the candidate moves the result.
+    """
+    import copy
 
     dev = resolve_device(cfg.engine.device)
     exp = build(cfg)
@@ -228,7 +229,8 @@ def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = 
         if variant in ("channels_last", "bf16_channels_last"):
             m = m.to(memory_format=torch.channels_last)
             xx = x.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=variant == "fused_adamw")
+        models[variant] = m
         run = m
         if variant == "torch_compile":
             run = torch.compile(m)
@@ -244,6 +246,7 @@ def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = 
 
         return step
 
+    models: dict[str, torch.nn.Module] = {}
     fns = {v: make(v) for v in ("float32", *[v for v in variants if v != "float32"])}
     times: dict[str, list[float]] = {v: [] for v in fns}
     warmup = {}
@@ -258,8 +261,14 @@ def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = 
         for v, f in fns.items():
             times[v].append(_median_time(f, 1))
     med = {v: statistics.median(ts) for v, ts in times.items()}
+    ref = dict(models["float32"].named_parameters())
+
+    def weight_difference(v: str) -> float:
+        return max(float((p.detach() - ref[k].detach()).abs().max()) for k, p in models[v].named_parameters())
+
     return {v: {"ms_per_step": 1000 * m, "speedup_over_float32": med["float32"] / m,
-                "first_three_steps_s": warmup[v]} for v, m in med.items()}
+                "first_three_steps_s": warmup[v], "steps": 3 + reps,
+                "max_weight_difference": weight_difference(v)} for v, m in med.items()}
 
 
 def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
@@ -453,6 +462,12 @@ def _warmup(variant: str, c: dict) -> str:
     return f" (the first three steps, compiling, took {c['first_three_steps_s']:.0f} s)"
 
 
+def _moved(c: dict) -> str:
+    if "max_weight_difference" not in c:
+        return ""
+    return f"; weights {c['max_weight_difference']:.0e} from float32's after {c['steps']} steps"
+
+
 def render(r: dict) -> str:
     """The table of whatever sections ``r`` holds."""
     lines = ["| measurement | collafuse | baseline | ratio |", "|---|---|---|---|"]
@@ -478,7 +493,7 @@ def render(r: dict) -> str:
             f"(fp32 {mm} matmul) | {tr['achieved_over_matmul']:.2f} |"]
     if "candidates" in r:
         cand = r["candidates"]
-        lines += [f"| training step with {v}, ms{_warmup(v, c)} | {c['ms_per_step']:.1f} | "
+        lines += [f"| training step with {v}, ms{_warmup(v, c)}{_moved(c)} | {c['ms_per_step']:.1f} | "
                   f"{cand['float32']['ms_per_step']:.1f} (float32) | {c['speedup_over_float32']:.2f}x |"
                   for v, c in cand.items() if v != "float32"]
     if "sampling" in r:
