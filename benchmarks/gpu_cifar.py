@@ -55,8 +55,11 @@ def one_run(args: argparse.Namespace, root: Path, tmp: Path, extra: list[str]) -
     cfg = config.load(CONFIG, [f"data.root=\"{root.parent}\"", f"train.rounds={args.rounds}",
                                f"train.checkpoint_every={args.rounds}", "sample.n_per_client=16",
                                f"engine.device=\"{args.device}\"", *args.overrides, *extra])
-    out = Path(args.out) / "_".join(e.replace("'", "").replace("=", "-") for e in extra or ["run"]) \
-        if args.out else tmp / f"run{len(list(tmp.iterdir()))}"
+    if not args.out:
+        out = tmp / f"run{len(list(tmp.iterdir()))}"
+    else:  # several runs: one sub-folder each, named by precision and seed
+        name = "_".join(e.replace("'", "").replace("=", "-") for e in extra)
+        out = Path(args.out) / name if extra else Path(args.out)
     start = time.perf_counter()
     metrics = run(cfg, out, progress=True)
     wall = time.perf_counter() - start
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-batch", type=int, default=2000, help="images per batch file (6 files)")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--out", default=None, help="run folder (default: a temporary one)")
+    p.add_argument("--out", default=None, help="run folder, with --runs one sub-folder per run (default: temporary)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--write-data", default=None, metavar="DIR",
                    help="only write the CIFAR-shaped batches into DIR/cifar-10-batches-py (for data.root=DIR)")
