@@ -20,6 +20,7 @@ machine hits both alike. Run nothing else heavy meanwhile.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from collafuse import config
 from collafuse.experiment import build, resolve_device
+from collafuse.files import write_text_atomic
 
 
 def _sync() -> None:
@@ -153,8 +155,6 @@ def bench_training(cfg: config.Config, reps: int) -> dict:
 
     example_step = example_loop(cfg, build(cfg).clients[0].trainer.model.net.to(dev), client.data.train_x,
                                 client.data.train_y, dev)
-    import dataclasses
-
     upload = client.make_upload(0)  # one batch of uploads: one server step
     upload = dataclasses.replace(upload, x_t_zeta=upload.x_t_zeta[:B],
                                  labels=None if upload.labels is None else upload.labels[:B])
@@ -312,7 +312,6 @@ def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
 
 def bench_sampler_quality(cfg: config.Config, rounds: int, n: int, ddim_steps: list[int]) -> dict:
     """Train the default experiment briefly, then domain FID (pooled) of each sampler on the same model."""
-    import dataclasses
     import tempfile
 
     from collafuse.engines.local import train
@@ -384,7 +383,7 @@ _RSS_CHILD = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
 from collafuse import config
-from collafuse.experiment import build, resolve_device
+from collafuse.experiment import build
 role = sys.argv[1]
 exp = build(config.load(None, []))
 c = exp.clients[0]
@@ -447,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results[name] = steps[name]()
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-        out.write_text(json.dumps(results, indent=1))  # what is done so far survives a later failure
+        write_text_atomic(out, json.dumps(results, indent=1))  # what is done so far survives a later failure
     print(render(results))
     print(f"wrote {out}")
     return 0

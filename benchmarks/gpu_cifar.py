@@ -29,6 +29,7 @@ import torch
 from collafuse import config
 from collafuse.data.cifar10 import BATCHES
 from collafuse.engines.local import run
+from collafuse.files import write_text_atomic
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [one_run(args, root, Path(tmp) / "runs", extra) for extra in runs]
     out = results[0] if len(results) == 1 else {"runs": results, "comparison": compare(results)}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_text_atomic(Path(args.json), json.dumps(out, indent=1))
     return 0
 
 if __name__ == "__main__":
