@@ -91,3 +91,24 @@ def test_the_optimiser_is_adamw_with_the_fused_kernel_on_the_cpu() -> None:
 
     trainer = build(config.load(None, ["engine.threads=1"])).clients[0].trainer
     assert isinstance(trainer.opt, torch.optim.AdamW) and trainer.opt.defaults["fused"] is True
+
+
+def test_a_non_finite_loss_is_refused_before_it_touches_the_weights() -> None:
+    import pytest
+
+    from collafuse.training import NonFiniteLoss
+
+    tr = Trainer("mlp", Denoiser(TinyMLP(), num_classes=10), lr=1e-2, weight_decay=0.0, ema_decay=0.9, seed=0)
+    split = Split(NoiseSchedule.linear(100), 30)
+    x0, y = torch.rand(8, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (8,))
+    tr.step(split.client_chain, x0, y)  # one good step, so that the optimiser has state to keep
+    weights = [p.detach().clone() for p in tr.model.parameters()]
+    ema = [p.detach().clone() for p in tr.ema.parameters()]
+    moments = [s["exp_avg"].clone() for s in tr.opt.state.values()]
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="the mlp loss became nan in round 7"):
+        tr.step(split.client_chain, x0, y, where="in round 7")
+    assert all(torch.equal(a, b) for a, b in zip(weights, tr.model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ema, tr.ema.parameters(), strict=True))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, tr.opt.state.values(), strict=True))
+    assert tr.steps == 1 and all(p.grad is None for p in tr.model.parameters())

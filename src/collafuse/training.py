@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -101,13 +102,18 @@ class Trainer:
             return self.model(x_t, t, y).float()
 
     def _update(self, loss: Tensor, where: str) -> float:
-        """Check the loss, take the optimiser step and update the EMA copy."""
-        value = float(loss.detach())
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the {self.name} loss became {value} {where}: lower train.lr "
-                                f"and resume from the last checkpoint")
+        """Check the loss, take the optimiser step and update the EMA copy.
+
+        The backward pass is queued before the loss is read, so that on a GPU the device keeps working while
+        the host waits for the value; the check still comes before anything touches the weights.
+        """
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.opt.zero_grad(set_to_none=True)  # the gradients of a non-finite loss go unused
+            raise NonFiniteLoss(f"the {self.name} loss became {value} {where}: lower train.lr "
+                                f"and resume from the last checkpoint")
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
