@@ -70,3 +70,28 @@ def test_gpu_script_compares_precisions_against_the_spread_of_seeds(tmp_path) ->
     assert row["difference"] == abs(other["last_quarter_server_loss"] - ref["last_quarter_server_loss"])
     assert row["seed_spread"] == abs(r["runs"][1]["last_quarter_server_loss"] - ref["last_quarter_server_loss"])
     assert row["within_spread"] == (row["difference"] <= row["seed_spread"])
+
+
+def test_ceiling_1x1_convolutions_as_matmuls_compute_the_same_function() -> None:
+    import torch
+
+    from benchmarks.ceiling import convs_1x1_as_matmul
+    from collafuse.models import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet("tiny", 8, 1, 10, 1000)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 500, 999]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        before = net(x, t, class_labels=y).sample
+        keys = list(net.state_dict())
+        assert convs_1x1_as_matmul(net) >= 1
+        assert list(net.state_dict()) == keys  # the same parameters under the same names
+        torch.testing.assert_close(net(x, t, class_labels=y).sample, before, rtol=1e-4, atol=1e-5)
+
+
+def test_ceiling_process_workers_start_together_and_report(tmp_path) -> None:
+    """The two-process comparison's real subprocess path: workers warm up, start on one signal and time."""
+    from benchmarks.ceiling import bench_processes
+
+    r = bench_processes(["", "train.batch_size=4"], steps=2, reps=1)
+    assert r["steps"] == 4 and r["one_process_two_threads_s"] > 0 and r["two_processes_one_thread_s"] > 0
