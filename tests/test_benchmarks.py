@@ -74,8 +74,8 @@ def test_gpu_script_compares_precisions_against_the_spread_of_seeds(tmp_path) ->
 
 def test_ceiling_1x1_convolutions_as_matmuls_compute_the_same_function() -> None:
     import torch
-
     from benchmarks.ceiling import convs_1x1_as_matmul
+
     from collafuse.models import build_unet
 
     torch.manual_seed(0)
