@@ -11,7 +11,8 @@
    model trained here with the default config;
 3. client cost: the client's sampling time per image at t_zeta against t_zeta = T;
 4. communication: bytes a client uploads per round (float32, float16) against FedAvg's exchange;
-5. peak memory (RSS) of a client and of the server, each measured in its own process.
+5. whole rounds of the local engine with engine.workers = 0, 1, 2 against the bare loop;
+6. peak memory (RSS) of a client and of the server, each measured in its own process.
 
 Timed loops alternate ours and the baseline (ABAB...) and report medians, so that drift of the
 machine hits both alike. Run nothing else heavy meanwhile.
@@ -20,6 +21,8 @@ machine hits both alike. Run nothing else heavy meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import platform
@@ -121,28 +124,17 @@ def example_loop(cfg: config.Config, unet: torch.nn.Module, images: torch.Tensor
     return step
 
 
-def bench_training(cfg: config.Config, reps: int) -> dict:
-    """Our client's and server's training step against two diffusers loops on copies of the same UNet.
-
-    The bare loop is the floor: a fixed preloaded batch, the noise drawn on the device, add_noise, MSE, AdamW,
-    nothing else. The example loop is diffusers' unconditional training example, per step (example_loop).
-    Ours is a whole round's step as the engines run it: the client draws its batch from its preloaded
-    images; the server trains on one accepted upload of a batch.
-    """
+def bare_loop(cfg: config.Config, x0: torch.Tensor, y0: torch.Tensor, dev: torch.device):
+    """The bare diffusers loop's step on a fresh copy of the config's UNet: a fixed preloaded batch, noise and
+    timesteps drawn on the device, DDPMScheduler.add_noise, MSE, AdamW, nothing else."""
     from diffusers import DDPMScheduler
-    from torch.utils.flop_counter import FlopCounterMode
 
-    dev = resolve_device(cfg.engine.device)
-    exp = build(cfg)
-    client, server = exp.clients[0], exp.server
-    B = cfg.train.batch_size
-    x0 = client.data.train_x[:B]
-    y0 = client.data.train_y[:B]
     unet = build(cfg).clients[0].trainer.model.net.to(dev)
     sched = DDPMScheduler(num_train_timesteps=cfg.split.T)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
     xd, yd = x0.to(dev), y0.to(dev)
     g = torch.Generator(dev).manual_seed(0)
+    B = len(x0)
 
     def plain_step() -> None:
         noise = torch.randn(xd.shape, generator=g, device=dev)
@@ -153,6 +145,84 @@ def bench_training(cfg: config.Config, reps: int) -> dict:
         loss.backward()
         opt.step()
 
+    return plain_step
+
+
+def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Whole rounds of the local engine: training images/s (clients' and server's) with engine.workers = 0, 1, 2,
+    against the bare diffusers loop taking as many steps of the same batch size in this process.
+
+    With workers the clients train in their own processes while the server trains in this one
+    (collafuse.engines.workers); the bare loop is one model, which has nothing to run side by side. Every
+    variant's workers start once and stay (idle workers wait on a pipe and use no CPU); the blocks of rounds
+    alternate and never overlap; the workers' start-up is timed apart and left out of the rates.
+    """
+    from collafuse.engines.local import client_workers, run_round
+
+    exps = {}
+    for w in workers:
+        c = copy.deepcopy(cfg)
+        c.engine.workers = w
+        exps[w] = build(c)
+    B = cfg.train.batch_size
+    client = exps[workers[0]].clients[0]
+    plain_step = bare_loop(cfg, client.data.train_x[:B], client.data.train_y[:B], torch.device("cpu"))
+    plain_step()
+    threads = torch.get_num_threads()
+    done = dict.fromkeys(workers, 0)
+    rates: dict[str, list[float]] = {**{f"workers_{w}": [] for w in workers}, "bare": []}
+    startup = {}
+    with contextlib.ExitStack() as stack:
+        pools = {}
+        for w, exp in exps.items():
+            t0 = time.perf_counter()
+            pools[w] = stack.enter_context(client_workers(exp))
+            run_round(exp, 0, pools[w])  # warm-up: the first steps pick their kernels
+            startup[w] = time.perf_counter() - t0
+            done[w] = 1
+        images = 0
+        for _ in range(reps):
+            for w, exp in exps.items():
+                pool = pools[w]
+                torch.set_num_threads(pool.threads if pool is not None else threads)
+                images, t0 = 0, time.perf_counter()
+                for r in range(done[w], done[w] + rounds):
+                    h = run_round(exp, r, pool)
+                    images += sum(h["client_samples"]) + h["server_samples"]
+                rates[f"workers_{w}"].append(images / (time.perf_counter() - t0))
+                done[w] += rounds
+            torch.set_num_threads(threads)
+            steps = images // B
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                plain_step()
+            rates["bare"].append(steps * B / (time.perf_counter() - t0))
+    torch.set_num_threads(threads)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"rounds": rounds, "reps": reps, "clients": len(exps[workers[0]].clients), "batch_size": B,
+            "threads": threads, "bare_images_per_s": med["bare"],
+            "rows": [{"workers": w, "images_per_s": med[f"workers_{w}"], "startup_s": startup[w],
+                      "vs_bare": med[f"workers_{w}"] / med["bare"],
+                      "vs_no_workers": med[f"workers_{w}"] / med[f"workers_{workers[0]}"]} for w in workers]}
+
+
+def bench_training(cfg: config.Config, reps: int) -> dict:
+    """Our client's and server's training step against two diffusers loops on copies of the same UNet.
+
+    The bare loop is the floor: a fixed preloaded batch, the noise drawn on the device, add_noise, MSE, AdamW,
+    nothing else. The example loop is diffusers' unconditional training example, per step (example_loop).
+    Ours is a whole round's step as the engines run it: the client draws its batch from its preloaded
+    images; the server trains on one accepted upload of a batch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = resolve_device(cfg.engine.device)
+    exp = build(cfg)
+    client, server = exp.clients[0], exp.server
+    B = cfg.train.batch_size
+    x0 = client.data.train_x[:B]
+    y0 = client.data.train_y[:B]
+    plain_step = bare_loop(cfg, x0, y0, dev)
     example_step = example_loop(cfg, build(cfg).clients[0].trainer.model.net.to(dev), client.data.train_x,
                                 client.data.train_y, dev)
     upload = client.make_upload(0)  # one batch of uploads: one server step
@@ -211,8 +281,6 @@ def bench_candidates(cfg: config.Config, reps: int, variants: tuple[str, ...] = 
     Every variant starts from the same weights and takes the same steps on the same batch, so the largest
     difference of its final weights from the float32 step's says how far the candidate moves the result.
     """
-    import copy
-
     dev = resolve_device(cfg.engine.device)
     exp = build(cfg)
     net = exp.clients[0].trainer.model.net
@@ -434,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                            "torch": torch.__version__, "threads": torch.get_num_threads()}}
     steps = {"training": lambda: bench_training(train_cfg, reps),
              "candidates": lambda: bench_candidates(train_cfg, reps, CANDIDATES if gpu else CPU_CANDIDATES),
+             "rounds": lambda: bench_rounds(cfg, 5 if args.quick else 10, 2 if args.quick else 6),
              "sampling": lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100]),
              "sampler_quality": lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
                                                               32 if args.quick else 100, [25, 50, 100]),
@@ -452,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-STEPS = ("training", "candidates", "sampling", "sampler_quality", "client_cost", "communication", "memory")
+STEPS = ("training", "candidates", "rounds", "sampling", "sampler_quality", "client_cost", "communication", "memory")
 
 
 def _warmup(variant: str, c: dict) -> str:
@@ -495,6 +564,14 @@ def render(r: dict) -> str:
         lines += [f"| training step with {v}, ms{_warmup(v, c)}{_moved(c)} | {c['ms_per_step']:.1f} | "
                   f"{cand['float32']['ms_per_step']:.1f} (float32) | {c['speedup_over_float32']:.2f}x |"
                   for v, c in cand.items() if v != "float32"]
+    if "rounds" in r:
+        ro = r["rounds"]
+        for row in ro["rows"]:
+            how = (f"{row['workers']} client worker process{'es' if row['workers'] > 1 else ''}, the server here"
+                   if row["workers"] else "one process")
+            lines.append(f"| whole rounds ({ro['clients']} clients and the server), training images/s, {how} | "
+                         f"{row['images_per_s']:.0f} | {ro['bare_images_per_s']:.0f} (bare diffusers loop) | "
+                         f"{row['vs_bare']:.2f}x |")
     if "sampling" in r:
         sp = r["sampling"]
         lines.append(f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} "

@@ -95,3 +95,14 @@ def test_ceiling_process_workers_start_together_and_report(tmp_path) -> None:
 
     r = bench_processes(["", "train.batch_size=4"], steps=2, reps=1)
     assert r["steps"] == 4 and r["one_process_two_threads_s"] > 0 and r["two_processes_one_thread_s"] > 0
+
+
+def test_whole_rounds_run_with_and_without_client_workers() -> None:
+    """The rounds benchmark drives the real engine: spawned workers train the clients, rows for each variant."""
+    from benchmarks.__main__ import bench_rounds, render
+
+    cfg = config.load(None, ["train.batch_size=8", "train.upload_size=8", "engine.threads=1"])
+    r = bench_rounds(cfg, rounds=1, reps=1, workers=(0, 1))
+    assert [row["workers"] for row in r["rows"]] == [0, 1] and r["clients"] == 3
+    assert all(row["images_per_s"] > 0 for row in r["rows"]) and r["rows"][1]["startup_s"] > 0
+    assert "1 client worker process, the server here" in render({"rounds": r})

@@ -9,7 +9,7 @@ import torch
 
 from collafuse import checkpoint, config
 from collafuse.engines import local
-from collafuse.errors import CheckpointError
+from collafuse.errors import CheckpointError, ConfigError
 from collafuse.experiment import build, sample_clients
 from conftest import TINY
 
@@ -50,6 +50,52 @@ def test_same_seed_same_weights_and_samples(tmp_path: Path) -> None:
     # and another seed gives other weights
     e3, _ = _train(tmp_path / "c", ["run.seed=1"])
     assert any(not torch.equal(v, _state(e3)[k]) for k, v in _state(e1).items())
+
+
+def test_client_workers_give_the_same_weights_bit_for_bit(tmp_path: Path) -> None:
+    """engine.workers: clients train in spawned processes (one thread each here), the server here meanwhile."""
+    alone, h_alone = _train(tmp_path / "alone")
+    side, h_side = _train(tmp_path / "side", ["engine.workers=2"])
+    _assert_same(_state(alone), _state(side))
+    for key in ("server_loss", "client_loss", "upload_bytes"):
+        assert [h[key] for h in h_alone] == [h[key] for h in h_side]
+    for a, b in zip(alone.clients, side.clients, strict=True):  # the upload streams and counts came back too
+        assert torch.equal(a.sent, b.sent) and torch.equal(a.upload_generator.get_state(),
+                                                          b.upload_generator.get_state())
+    # a run resumed with workers ends where the run without them ended
+    _train(tmp_path / "half", ["train.rounds=2", "engine.workers=1"])
+    resumed, _ = _train(tmp_path / "half", ["engine.workers=1"], resume=True)
+    _assert_same(_state(alone), _state(resumed))
+
+
+def test_a_client_worker_failure_is_raised_here_and_leaves_no_process(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from collafuse.training import NonFiniteLoss
+
+    cfg = config.load(None, TINY + ["engine.workers=2"])
+    exp = build(cfg)
+    exp.clients[1].data.train_x.fill_(float("nan"))  # the worker gets this client as it is here
+    with pytest.raises(NonFiniteLoss, match=r"the client 1 loss became nan in round 0"):
+        local.train(exp, tmp_path / "r", progress=False)
+    assert multiprocessing.active_children() == []
+    with pytest.raises(ConfigError, match="fedavg"):
+        local.train(build(config.load(None, TINY + ["engine.workers=2", "train.aggregation='fedavg'"])),
+                    tmp_path / "f", progress=False)
+
+
+def test_a_killed_client_worker_is_a_clear_error() -> None:
+    from collafuse.engines.workers import ClientWorkers, WorkerError
+
+    exp = build(config.load(None, TINY))
+    with ClientWorkers(exp.clients, 2, 1) as pool:
+        pool.start_round(0, 1)
+        pool.finish_round()
+        pool.procs[1].kill()
+        pool.procs[1].join()
+        with pytest.raises(WorkerError, match=r"client worker 1 stopped \(exit code -9\) during '(round|uploads)'"):
+            pool.start_round(1, 1)
+            pool.finish_round()
 
 
 class Crash(Exception):

@@ -141,6 +141,18 @@ class Client:
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
                 "samples": steps * self.batch_size}
 
+    def state(self) -> dict:
+        """What a round changes: the trainer's state, the upload stream and the upload counts."""
+        return {"trainer": None if self.trainer is None else self.trainer.state(),
+                "upload_rng": self.upload_generator.get_state(), "sent": self.sent.clone()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        if self.trainer is not None:
+            self.trainer.load_state(state["trainer"])
+        self.upload_generator.set_state(state["upload_rng"])
+        self.sent.copy_(state["sent"])
+
     def make_upload(self, round_: int) -> Upload | None:
         """x_{t_zeta} of a fresh batch (and its labels); None when the server owns no step."""
         if not self.split.server_active:

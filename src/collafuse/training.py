@@ -138,6 +138,22 @@ class Trainer:
 
         return fn
 
+    # --- in-memory state (client worker processes hand it back) -------------------------------
+    def state(self) -> dict:
+        """Everything that training changes: weights, optimiser, EMA, random stream and step count."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "rng": self.generator.get_state(), "steps": self.steps}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["rng"])
+        self.steps = state["steps"]
+
     # --- checkpoints -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
         """Write the sampling weights in diffusers' format plus the full training state."""

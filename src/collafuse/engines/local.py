@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from .. import checkpoint
 from .. import config as config_mod
 from ..aggregation import fedavg
 from ..config import Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..experiment import Experiment, build, sample_clients
 from ..faults import kill_point
 from ..files import write_text_atomic
@@ -23,6 +25,7 @@ from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
 from ..server import Server
 from ..split import describe_cuts
+from .workers import ClientWorkers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
         new = cfg.to_dict()
         # only the length of training and what happens after it may change on resume
         free = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                ("sample",), ("eval",), ("engine", "threads"), ("engine", "device")}
+                ("sample",), ("eval",), ("engine", "threads"), ("engine", "workers"),
+                ("engine", "device")}
         for sec, values in new.items():
             for key, value in values.items():
                 if (sec,) in free or (sec, key) in free:
@@ -73,36 +77,72 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             log.info("resumed from %s", ck)
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
-    for r in bar:
-        began = time.perf_counter()
+    with client_workers(exp, start_round < tr.rounds) as pool:
+        for r in bar:
+            history.append(run_round(exp, r, pool))
+            bar.set_postfix_str(_postfix(history[-1]), refresh=False)
+            done = r + 1
+            if done % tr.checkpoint_every == 0 or done == tr.rounds:
+                if pool is not None:
+                    pool.pull(exp.clients)
+                checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
+    bar.close()
+    return history
+
+
+@contextlib.contextmanager
+def client_workers(exp: Experiment, needed: bool = True) -> Iterator[ClientWorkers | None]:
+    """engine.workers processes for the clients (None: they train here), with the threads shared out."""
+    n = exp.cfg.engine.workers
+    if n == 0 or not needed or not any(c.trainer is not None for c in exp.clients):
+        yield None
+        return
+    if exp.cfg.train.aggregation == "fedavg":
+        raise ConfigError("engine.workers > 0 cannot run train.aggregation = 'fedavg' (it averages the clients' "
+                          "weights in this process every round); set engine.workers = 0")
+    if any(t.device.type != "cpu" for t in exp.trainers.values()):
+        raise ConfigError("engine.workers > 0 trains clients in CPU processes; on a GPU set engine.workers = 0")
+    before = torch.get_num_threads()
+    total = exp.cfg.engine.threads or before
+    each = max(1, total // (min(n, len(exp.clients)) + 1))  # the server trains in this process meanwhile
+    torch.set_num_threads(each)
+    try:
+        with ClientWorkers(exp.clients, n, each) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_round(exp: Experiment, r: int, pool: ClientWorkers | None) -> dict[str, Any]:
+    """One round of DESIGN.md section 4: uploads, the clients' local steps, the server's training."""
+    tr = exp.cfg.train
+    began = time.perf_counter()
+    if pool is None:
         client_metrics, uploads = [], []
         for c in exp.clients:
             client_metrics.append(c.train_round(tr.local_steps, r))
-            up = c.make_upload(r)
-            if up is not None:
-                uploads.append(up)
-        sent = [u.nbytes for u in uploads]
-        if tr.aggregation == "fedavg":
-            sent = fedavg(exp.clients)
-        kill_point("round")
-        accepted = exp.server.accept(uploads)
-        server_metrics = exp.server.train_round(accepted, r)
-        history.append({
-            "round": r + 1,
-            "server_loss": _num(server_metrics["loss"]),
-            "client_loss": [_num(m["loss"]) for m in client_metrics],
-            "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
-            "client_seconds": [m["seconds"] for m in client_metrics],
-            "client_samples": [m["samples"] for m in client_metrics],
-            "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
-            "seconds": time.perf_counter() - began, "ended_at": time.time(),
-        })
-        bar.set_postfix_str(_postfix(history[-1]), refresh=False)
-        done = r + 1
-        if done % tr.checkpoint_every == 0 or done == tr.rounds:
-            checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
-    bar.close()
-    return history
+            uploads.append(c.make_upload(r))
+    else:  # the workers train the clients while this process trains the server
+        uploads = pool.start_round(r, tr.local_steps)
+    uploads = [u for u in uploads if u is not None]
+    sent = [u.nbytes for u in uploads]
+    if tr.aggregation == "fedavg":
+        sent = fedavg(exp.clients)
+    kill_point("round")
+    accepted = exp.server.accept(uploads)
+    server_metrics = exp.server.train_round(accepted, r)
+    if pool is not None:
+        client_metrics = pool.finish_round()
+    return {
+        "round": r + 1,
+        "server_loss": _num(server_metrics["loss"]),
+        "client_loss": [_num(m["loss"]) for m in client_metrics],
+        "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
+        "client_seconds": [m["seconds"] for m in client_metrics],
+        "client_samples": [m["samples"] for m in client_metrics],
+        "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
+        "seconds": time.perf_counter() - began, "ended_at": time.time(),
+    }
 
 
 def _num(v: float) -> float | None:

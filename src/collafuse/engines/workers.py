@@ -1,0 +1,159 @@
+"""Client worker processes for the local engine: the clients of a round train side by side.
+
+Each worker is a spawned process that owns some of the clients: the main process's own ``Client`` objects,
+sent whole, with all their state. Every round a worker makes its clients' uploads and sends them at once, so
+that the main process trains the server on them meanwhile; then it trains its clients and sends their metrics.
+At a checkpoint and at the end of training the main process takes the clients' state back (:meth:`pull`).
+
+The arithmetic is that of one process: every client keeps its own random streams, so a run with workers
+gives the same weights as one without, up to the rounding that a different number of threads per process
+may bring (with one thread everywhere, bit for bit). Why: on a small CPU, small kernels leave most of each
+core's time to the threads' synchronisation; two one-thread processes do 1.4x to 1.5x the steps of one
+two-thread process (``python -m benchmarks.ceiling``).
+
+Messages are pickled to bytes (not sent as shared-memory tensors), so that no file descriptor is held per
+tensor.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from ..client import Client, Upload
+from ..errors import CollafuseError
+
+
+class WorkerError(CollafuseError):
+    """A client worker process stopped without reporting an error of its own."""
+
+
+def _send(conn: Connection, msg: Any) -> None:
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _serve(conn: Connection, threads: int) -> None:
+    """A worker's loop: receive its clients, then answer round, state and stop messages."""
+    torch.set_num_threads(threads)
+    clients: list[Client] = []
+    try:
+        while True:
+            msg = pickle.loads(conn.recv_bytes())
+            kind = msg[0]
+            if kind == "clients":
+                clients = msg[1]
+            elif kind == "round":
+                _, round_, steps = msg
+                _send(conn, ("uploads", [c.make_upload(round_) for c in clients]))
+                _send(conn, ("metrics", [c.train_round(steps, round_) for c in clients]))
+            elif kind == "state":
+                _send(conn, ("state", [c.state() for c in clients]))
+            elif kind == "stop":
+                return
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process is gone or stopping: so are we
+        return
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process, which raises it
+        try:
+            _send(conn, ("error", exc))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as its text
+            _send(conn, ("error", WorkerError(f"{type(exc).__name__}: {exc}")))
+
+
+class ClientWorkers:
+    """``workers`` spawned processes, each owning every ``workers``-th client, with ``threads`` threads each."""
+
+    def __init__(self, clients: list[Client], workers: int, threads: int) -> None:
+        ctx = mp.get_context("spawn")  # fork after PyTorch has started its threads is not safe
+        self.threads = threads
+        n = max(1, min(workers, len(clients)))
+        self.groups = [list(range(i, len(clients), n)) for i in range(n)]  # client positions, round robin
+        self.conns: list[Connection] = []
+        self.procs: list[mp.process.BaseProcess] = []
+        try:
+            for i, group in enumerate(self.groups):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(child, threads), name=f"collafuse-client-worker-{i}",
+                                   daemon=True)
+                proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(proc)
+                try:
+                    _send(parent, ("clients", [clients[k] for k in group]))
+                except (BrokenPipeError, ConnectionError) as exc:  # e.g. a script that multiprocessing cannot import
+                    raise self._stopped(i, "start") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _stopped(self, i: int, during: str) -> WorkerError:
+        self.procs[i].join(5)
+        if during == "start":
+            return WorkerError(f"client worker {i} could not start (exit code {self.procs[i].exitcode}); a script "
+                               f"that trains with engine.workers > 0 must guard its code with "
+                               f"`if __name__ == \"__main__\":`, or set engine.workers = 0")
+        return WorkerError(f"client worker {i} stopped (exit code {self.procs[i].exitcode}) during '{during}'; "
+                           f"resume the run from its last checkpoint with --resume")
+
+    def _post(self, msg: tuple) -> None:
+        for i, conn in enumerate(self.conns):
+            try:
+                _send(conn, msg)
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise self._stopped(i, msg[0]) from exc
+
+    def _recv(self, i: int, expected: str) -> Any:
+        try:
+            kind, payload = pickle.loads(self.conns[i].recv_bytes())
+        except (EOFError, ConnectionError) as exc:
+            raise self._stopped(i, expected) from exc
+        if kind == "error":
+            raise payload
+        return payload
+
+    def _gather(self, expected: str) -> list[Any]:
+        """One answer per client, in the clients' order."""
+        out: list[Any] = [None] * sum(len(g) for g in self.groups)
+        for i, group in enumerate(self.groups):
+            for k, value in zip(group, self._recv(i, expected), strict=True):
+                out[k] = value
+        return out
+
+    def start_round(self, round_: int, steps: int) -> list[Upload | None]:
+        """Start round ``round_`` on every worker; return the clients' uploads while they train."""
+        self._post(("round", round_, steps))
+        return self._gather("uploads")
+
+    def finish_round(self) -> list[dict[str, float]]:
+        """The clients' training metrics of the round started last."""
+        return self._gather("metrics")
+
+    def pull(self, clients: list[Client]) -> None:
+        """Copy every client's state from its worker into ``clients`` (the main process's objects)."""
+        self._post(("state",))
+        for client, state in zip(clients, self._gather("state"), strict=True):
+            client.load_state(state)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                _send(conn, ("stop",))
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+    def __enter__(self) -> ClientWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
