@@ -105,11 +105,11 @@ class EvalSection:
 
 @dataclass
 class EngineSection:
-    name: str = "local"  # "local" (one process) or "flower" (Flower simulation; docs/flower.md)
+    name: str = "local"  # "local" (one process, or see workers) or "flower" (Flower simulation; docs/flower.md)
     threads: int = 0  # 0: PyTorch's default
     device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
     # local engine on the CPU: processes that train the clients side by side while the main process trains the
-    # server (0: everything in one process). Same maths; 1.4x to 1.5x the throughput on 2 cores (docs/performance.md)
+    # server (0: everything in one process). Same maths; faster on several cores (docs/performance.md)
     workers: int = 0
     # Flower engine only:
     min_clients: int = 0  # a round counts when at least this many clients answered (0: all of them)

@@ -1,4 +1,5 @@
-"""The local engine: server and clients in one process, called directly. Deterministic for a seed."""
+"""The local engine: server and clients called directly, in one process or with the clients in worker processes
+(``engine.workers``, :mod:`collafuse.engines.workers`). Deterministic for a seed."""
 
 from __future__ import annotations
 
