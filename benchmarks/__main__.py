@@ -186,8 +186,9 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
                 pool = pools[w]
                 torch.set_num_threads(pool.threads if pool is not None else threads)
                 images, t0 = 0, time.perf_counter()
-                for r in range(done[w], done[w] + rounds):
-                    h = run_round(exp, r, pool)
+                last = done[w] + rounds - 1
+                for r in range(done[w], last + 1):
+                    h = run_round(exp, r, pool, ahead=r < last)  # as the engine runs it, within the block
                     images += sum(h["client_samples"]) + h["server_samples"]
                 rates[f"workers_{w}"].append(images / (time.perf_counter() - t0))
                 done[w] += rounds

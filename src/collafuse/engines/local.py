@@ -80,10 +80,11 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
                disable=not progress, unit="round")
     with client_workers(exp, start_round < tr.rounds) as pool:
         for r in bar:
-            history.append(run_round(exp, r, pool))
-            bar.set_postfix_str(_postfix(history[-1]), refresh=False)
             done = r + 1
-            if done % tr.checkpoint_every == 0 or done == tr.rounds:
+            save = done % tr.checkpoint_every == 0 or done == tr.rounds
+            history.append(run_round(exp, r, pool, ahead=not save))
+            bar.set_postfix_str(_postfix(history[-1]), refresh=False)
+            if save:
                 if pool is not None:
                     pool.pull(exp.clients)
                 checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
@@ -114,8 +115,13 @@ def client_workers(exp: Experiment, needed: bool = True) -> Iterator[ClientWorke
         torch.set_num_threads(before)
 
 
-def run_round(exp: Experiment, r: int, pool: ClientWorkers | None) -> dict[str, Any]:
-    """One round of DESIGN.md section 4: uploads, the clients' local steps, the server's training."""
+def run_round(exp: Experiment, r: int, pool: ClientWorkers | None, ahead: bool = False) -> dict[str, Any]:
+    """One round of DESIGN.md section 4: uploads, the clients' local steps, the server's training.
+
+    With workers and ``ahead``, round r + 1 is asked for as soon as round r's uploads are in: the clients never
+    wait for the server, so a worker goes on while the server trains. Not before a checkpoint, whose client
+    state must be that of round r.
+    """
     tr = exp.cfg.train
     began = time.perf_counter()
     if pool is None:
@@ -125,6 +131,8 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | None) -> dict[str, 
             uploads.append(c.make_upload(r))
     else:  # the workers train the clients while this process trains the server
         uploads = pool.start_round(r, tr.local_steps)
+        if ahead:
+            pool.post_round(r + 1, tr.local_steps)
     uploads = [u for u in uploads if u is not None]
     sent = [u.nbytes for u in uploads]
     if tr.aggregation == "fedavg":

@@ -69,6 +69,7 @@ class ClientWorkers:
     def __init__(self, clients: list[Client], workers: int, threads: int) -> None:
         ctx = mp.get_context("spawn")  # fork after PyTorch has started its threads is not safe
         self.threads = threads
+        self.posted: int | None = None  # the last round asked for
         n = max(1, min(workers, len(clients)))
         self.groups = [list(range(i, len(clients), n)) for i in range(n)]  # client positions, round robin
         self.conns: list[Connection] = []
@@ -123,9 +124,16 @@ class ClientWorkers:
                 out[k] = value
         return out
 
-    def start_round(self, round_: int, steps: int) -> list[Upload | None]:
-        """Start round ``round_`` on every worker; return the clients' uploads while they train."""
+    def post_round(self, round_: int, steps: int) -> None:
+        """Ask every worker for round ``round_``; a worker starts it as soon as it is done with the one before."""
         self._post(("round", round_, steps))
+        self.posted = round_
+
+    def start_round(self, round_: int, steps: int) -> list[Upload | None]:
+        """Start round ``round_`` on every worker (unless it was posted ahead); return the clients' uploads,
+        which the workers send before they train."""
+        if self.posted != round_:
+            self.post_round(round_, steps)
         return self._gather("uploads")
 
     def finish_round(self) -> list[dict[str, float]]:
