@@ -7,7 +7,7 @@ At a checkpoint and at the end of training the main process takes the clients' s
 
 The arithmetic is that of one process: every client keeps its own random streams, so a run with workers
 gives the same weights as one without, up to the rounding that a different number of threads per process
-may bring (with one thread everywhere, bit for bit). Why: on a small CPU, small kernels leave most of each
+may bring (with one thread everywhere, bit for bit). Why: on a small CPU, small kernels leave much of each
 core's time to the threads' synchronisation; two one-thread processes do 1.3x to 1.45x the steps of one
 two-thread process (``python -m benchmarks.ceiling``).
 
