@@ -57,6 +57,19 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved (ABAB...) so that drift of the machine
+    hits all alike, after ``warmup`` untimed calls of each."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            times[k].append(_median_time(f, 1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def matmul_gflops(n: int = 1024, reps: int = 10, device: str = "cpu") -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
@@ -169,7 +182,7 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
     plain_step = bare_loop(cfg, client.data.train_x[:B], client.data.train_y[:B], torch.device("cpu"))
     plain_step()
     threads = torch.get_num_threads()
-    done = dict.fromkeys(workers, 0)
+    done = dict.fromkeys(workers, 1)  # round 0 is each variant's warm-up
     rates: dict[str, list[float]] = {**{f"workers_{w}": [] for w in workers}, "bare": []}
     startup = {}
     with contextlib.ExitStack() as stack:
@@ -179,8 +192,6 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
             pools[w] = stack.enter_context(client_workers(exp))
             run_round(exp, 0, pools[w])  # warm-up: the first steps pick their kernels
             startup[w] = time.perf_counter() - t0
-            done[w] = 1
-        images = 0
         for _ in range(reps):
             for w, exp in exps.items():
                 pool = pools[w]
@@ -238,17 +249,11 @@ def bench_training(cfg: config.Config, reps: int) -> dict:
         server.train_round(accepted)
 
     fns = {"plain": plain_step, "example": example_step, "client": client_step, "server": server_step}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():  # interleaved, so that drift of the machine hits all alike
-            times[k].append(_median_time(f, 1))
+    med = interleaved_medians(fns, reps)
     with FlopCounterMode(display=False) as counter:
         client_step()
     flops = counter.get_total_flops()
     mm = matmul_gflops(4096 if dev.type == "cuda" else 1024, device=str(dev))
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "device": _device_name(dev), "batch_size": B, "preset": cfg.model.preset,
         "image_shape": list(x0.shape[1:]), "precision": cfg.train.precision,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.__main__ import _median_time
+from benchmarks.__main__ import interleaved_medians
 from collafuse import config
 from collafuse.experiment import build
 from collafuse.files import write_text_atomic
@@ -84,17 +84,6 @@ def _step_fn(net: nn.Module, x, t, y, onednn: bool = True):
     return step
 
 
-def _interleaved(fns: dict, reps: int) -> dict[str, float]:
-    for f in fns.values():
-        for _ in range(2):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            times[k].append(_median_time(f, 1))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_kernels(cfg: config.Config, reps: int) -> dict:
     """Batch scaling, 1x1 convolutions as matmuls and oneDNN off, against the float32 step."""
     B = cfg.train.batch_size
@@ -108,7 +97,7 @@ def bench_kernels(cfg: config.Config, reps: int) -> dict:
            "batch_x5": _step_fn(copy.deepcopy(net), x, t, y)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oneDNN's TF32 notice when its flags are set
-        med = _interleaved(fns, reps)
+        med = interleaved_medians(fns, reps, warmup=2)
     ref = dict(models["float32"].named_parameters())
 
     def moved(k: str) -> float:
@@ -151,7 +140,7 @@ def bench_vmap_clients(cfg: config.Config, reps: int) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # functorch's notice that attention's backward has no batching rule
-        med = _interleaved({"separate": one_by_one, "vmapped": vmapped}, reps)
+        med = interleaved_medians({"separate": one_by_one, "vmapped": vmapped}, reps, warmup=2)
     return {"clients": K, "batch_size": B, "separate_ms": 1000 * med["separate"], "vmapped_ms": 1000 * med["vmapped"],
             "speedup": med["separate"] / med["vmapped"]}
 
@@ -159,7 +148,7 @@ def bench_vmap_clients(cfg: config.Config, reps: int) -> dict:
 def _worker(cfg_args: list[str], threads: int, steps: int) -> None:
     """Child process: ``steps`` float32 steps with ``threads`` threads after a warm-up; prints its wall time."""
     torch.set_num_threads(threads)
-    cfg = config.load(*_split_cfg_args(cfg_args))
+    cfg = config.load(cfg_args[0] or None, cfg_args[1:])  # the config file ("" for none), then --set overrides
     (net, *_), (x, t, y) = _net_and_batch(cfg, cfg.train.batch_size)
     step = _step_fn(net, x, t, y)
     for _ in range(3):
@@ -170,10 +159,6 @@ def _worker(cfg_args: list[str], threads: int, steps: int) -> None:
     for _ in range(steps):
         step()
     print(f"{time.perf_counter() - t0:.6f}", flush=True)
-
-
-def _split_cfg_args(a: list[str]) -> tuple[str | None, list[str]]:
-    return (a[0] or None), a[1:]
 
 
 def _run_workers(cfg_args: list[str], threads: int, processes: int, steps: int) -> float:
