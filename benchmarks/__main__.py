@@ -189,7 +189,7 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
         pools = {}
         for w, exp in exps.items():
             t0 = time.perf_counter()
-            pools[w] = stack.enter_context(client_workers(exp))
+            pools[w] = stack.enter_context(client_workers(exp, reps * rounds + 1))
             run_round(exp, 0, pools[w])  # warm-up: the first steps pick their kernels
             startup[w] = time.perf_counter() - t0
         for _ in range(reps):

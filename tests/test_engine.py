@@ -68,6 +68,21 @@ def test_client_workers_give_the_same_weights_bit_for_bit(tmp_path: Path) -> Non
     _assert_same(_state(alone), _state(resumed))
 
 
+def test_clients_handed_to_workers_after_some_rounds_end_the_same(tmp_path: Path) -> None:
+    """The engine trains the clients itself until the workers have started; the hand-over changes nothing."""
+    from collafuse.engines.workers import ClientWorkers
+
+    alone, h_alone = _train(tmp_path / "alone")
+    exp = build(config.load(None, TINY))
+    with ClientWorkers(exp.clients, 2, 1) as pool:
+        history = [local.run_round(exp, r, None) for r in (0, 1)]  # here, as if the workers were still starting
+        assert pool.ready(wait=True) and pool.attached
+        history += [local.run_round(exp, 2, pool, ahead=True), local.run_round(exp, 3, pool)]
+        pool.pull(exp.clients)
+    _assert_same(_state(alone), _state(exp))
+    assert [h["client_loss"] for h in history] == [h["client_loss"] for h in h_alone]
+
+
 def test_a_client_worker_failure_is_raised_here_and_leaves_no_process(tmp_path: Path) -> None:
     import multiprocessing
 
@@ -82,6 +97,64 @@ def test_a_client_worker_failure_is_raised_here_and_leaves_no_process(tmp_path: 
     with pytest.raises(ConfigError, match="fedavg"):
         local.train(build(config.load(None, TINY + ["engine.workers=2", "train.aggregation='fedavg'"])),
                     tmp_path / "f", progress=False)
+
+
+def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
+    from collafuse.engines.workers import guarded_entry, spawn_is_safe
+
+    def resolved(*sets: str, rounds: int = local.AUTO_MIN_ROUNDS) -> int:
+        return local.resolve_workers(build(config.load(None, TINY + list(sets))), rounds)
+
+    assert config.load(None).engine.workers == "auto"
+    assert not spawn_is_safe()  # pytest's main module is a file that a spawned process would run again
+    assert resolved("engine.threads=2") == 0
+    with guarded_entry():
+        assert resolved("engine.threads=2") == 1
+        assert resolved("engine.threads=2", rounds=local.AUTO_MIN_ROUNDS - 1) == 0  # too short to pay
+        assert resolved("engine.threads=1") == 0  # nothing to share out
+        assert resolved("engine.threads=2", "train.aggregation='fedavg'") == 0
+        assert resolved("engine.threads=2", "engine.workers=0") == 0
+    assert not spawn_is_safe()
+    assert resolved("engine.workers=2", rounds=1) == 2  # a number is taken as given
+
+
+def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> None:
+    """`collafuse run` of 100 rounds with two threads: engine.workers = "auto" becomes one worker, which takes
+    the clients over once it has started, and each process keeps one thread; so the losses are, bit for bit,
+    those of a one-thread run without workers, wherever the hand-over fell."""
+    import json
+
+    from conftest import run_cli
+
+    runs, said = {}, "clients train in 1 worker process(es) beside the server, 1 thread(s) each"
+    for name, w, threads in (("auto", "'auto'", 2), ("none", "0", 1)):
+        sets = [a for o in TINY + [f"engine.threads={threads}", f"engine.workers={w}", "train.rounds=100",
+                                   "train.checkpoint_every=50"] for a in ("--set", o)]
+        res = run_cli("--debug", "run", *sets, "--out", str(tmp_path / name), "--quiet", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert (said in res.stderr) == (name == "auto")
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["auto"]["train"]["workers"] == 1 and runs["none"]["train"]["workers"] == 0
+    assert {h["workers"] for h in runs["none"]["history"]} == {0} and runs["auto"]["history"][-1]["workers"] == 1
+    assert "worker process" in (tmp_path / "auto" / "report.md").read_text()
+    for key in ("server_loss", "client_loss", "upload_bytes"):
+        assert [h[key] for h in runs["auto"]["history"]] == [h[key] for h in runs["none"]["history"]]
+
+
+def test_workers_from_a_script_without_a_main_guard_are_a_clear_error(tmp_path: Path) -> None:
+    """A spawned worker imports the caller's script again; unguarded, it cannot start, and the error says why."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("from collafuse import config\nfrom collafuse.experiment import build\n"
+                      "from collafuse.engines.workers import ClientWorkers\n"
+                      f"exp = build(config.load(None, {TINY!r}))\n"
+                      "with ClientWorkers(exp.clients, 1, 1) as pool:\n    pool.ready(wait=True)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "WorkerError: client worker 0 could not start" in res.stderr
+    assert 'must guard its code with `if __name__ == "__main__":`' in res.stderr
 
 
 def test_a_killed_client_worker_is_a_clear_error() -> None:

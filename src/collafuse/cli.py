@@ -288,5 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``collafuse`` command: :func:`main` from an entry point whose module does nothing on import (the
+    console script, ``python -m collafuse.cli``), so engine.workers = "auto" may spawn client workers."""
+    from .engines.workers import guarded_entry
+
+    with guarded_entry():
+        return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

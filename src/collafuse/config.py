@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,9 @@ class EngineSection:
     threads: int = 0  # 0: PyTorch's default
     device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
     # local engine on the CPU: processes that train the clients side by side while the main process trains the
-    # server (0: everything in one process). Same maths; faster on several cores (docs/performance.md)
-    workers: int = 0
+    # server (0: everything in one process). Same maths; faster on several cores (docs/performance.md).
+    # "auto": 1 where it is safe and pays (see collafuse.engines.local.resolve_workers), else 0
+    workers: int | str = "auto"
     # Flower engine only:
     min_clients: int = 0  # a round counts when at least this many clients answered (0: all of them)
     round_timeout: float = 300.0  # seconds the server waits for a round's replies
@@ -194,12 +196,15 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "engine.round_timeout": (lambda v, c: v > 0, "seconds > 0"),
     "engine.wait_for_nodes": (lambda v, c: v > 0, "seconds > 0"),
     "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
-    "engine.workers": (lambda v, c: v >= 0, "an integer >= 0 (0 = clients train in the main process)"),
+    "engine.workers": (lambda v, c: v == "auto" or isinstance(v, int) and v >= 0,
+                       "'auto' or an integer >= 0 (0 = clients train in the main process)"),
     "engine.device": (lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -213,7 +218,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+    if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
         raise ConfigError(f"{key} = {value!r} must be {_type_name(tp)}")
     return value
 

@@ -117,7 +117,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         f"- data: {metrics['data']['name']}, {len(metrics['data']['clients'])} clients "
         + "; ".join(f"client {c['client']}: classes {c['classes']}, {c['train']} train / {c['test']} test"
                     for c in metrics["data"]["clients"]),
-        f"- rounds: {metrics['rounds']}, wall time {metrics['wall_seconds']:.1f} s",
+        f"- rounds: {metrics['rounds']}, wall time {metrics['wall_seconds']:.1f} s"
+        + (f" (clients in {tr['workers']} worker process(es) beside the server's, so each model's images/s "
+           f"below is that of its own process's share of the threads)" if tr.get("workers") else ""),
         f"- upload per client and round: {metrics['upload']['bytes_per_client_round']} bytes "
         f"({metrics['upload']['dtype']}); rejected uploads: {metrics['rejected_uploads']}",
         "",

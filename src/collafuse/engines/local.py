@@ -26,7 +26,7 @@ from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
 from ..server import Server
 from ..split import describe_cuts
-from .workers import ClientWorkers
+from .workers import ClientWorkers, spawn_is_safe
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +78,50 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             log.info("resumed from %s", ck)
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
-    with client_workers(exp, start_round < tr.rounds) as pool:
+    with client_workers(exp, tr.rounds - start_round) as pool:
         for r in bar:
             done = r + 1
             save = done % tr.checkpoint_every == 0 or done == tr.rounds
-            history.append(run_round(exp, r, pool, ahead=not save))
+            # until the workers have started (seconds), this process trains the clients itself, with the
+            # threads it will keep: the same arithmetic either way
+            live = pool if pool is not None and pool.ready() else None
+            history.append(run_round(exp, r, live, ahead=not save))
             bar.set_postfix_str(_postfix(history[-1]), refresh=False)
             if save:
-                if pool is not None:
+                if live is not None:
                     pool.pull(exp.clients)
                 checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
     bar.close()
     return history
 
 
-@contextlib.contextmanager
-def client_workers(exp: Experiment, needed: bool = True) -> Iterator[ClientWorkers | None]:
-    """engine.workers processes for the clients (None: they train here), with the threads shared out."""
+AUTO_MIN_ROUNDS = 100  # a worker takes seconds to start (it imports diffusers): a short run does not win them back
+
+
+def resolve_workers(exp: Experiment, rounds: int) -> int:
+    """engine.workers as a number, for ``rounds`` rounds to train. ``"auto"`` is 1 where a worker is safe and
+    pays, else 0: on the CPU, with at least two threads to share out (the main process and the worker get
+    half each), at least AUTO_MIN_ROUNDS rounds, clients that train on their own (not fedavg), and a program
+    that a spawned process can import without running it again (:func:`collafuse.engines.workers.
+    spawn_is_safe`: the ``collafuse`` command, a notebook; a script of yours sets engine.workers = 1 itself,
+    under ``if __name__ == "__main__":``)."""
     n = exp.cfg.engine.workers
-    if n == 0 or not needed or not any(c.trainer is not None for c in exp.clients):
+    if n != "auto":
+        return int(n)
+    ok = (rounds >= AUTO_MIN_ROUNDS and exp.cfg.train.aggregation != "fedavg"
+          and all(t.device.type == "cpu" for t in exp.trainers.values())
+          and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
+          and any(c.trainer is not None for c in exp.clients)
+          and spawn_is_safe())
+    return 1 if ok else 0
+
+
+@contextlib.contextmanager
+def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | None]:
+    """engine.workers processes for the clients, for ``rounds`` rounds (None: they train here), with the threads
+    shared out."""
+    n = resolve_workers(exp, rounds)
+    if n == 0 or rounds == 0 or not any(c.trainer is not None for c in exp.clients):
         yield None
         return
     if exp.cfg.train.aggregation == "fedavg":
@@ -108,6 +133,7 @@ def client_workers(exp: Experiment, needed: bool = True) -> Iterator[ClientWorke
     total = exp.cfg.engine.threads or before
     each = max(1, total // (min(n, len(exp.clients)) + 1))  # the server trains in this process meanwhile
     torch.set_num_threads(each)
+    log.info("clients train in %d worker process(es) beside the server, %d thread(s) each", n, each)
     try:
         with ClientWorkers(exp.clients, n, each) as pool:
             yield pool
@@ -150,6 +176,7 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | None, ahead: bool =
         "client_seconds": [m["seconds"] for m in client_metrics],
         "client_samples": [m["samples"] for m in client_metrics],
         "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
+        "workers": 0 if pool is None else len(pool.procs),  # processes that trained the clients (0: this one)
         "seconds": time.perf_counter() - began, "ended_at": time.time(),
     }
 
@@ -214,7 +241,8 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
         "signal_at_cut": signal, "noise_at_cut": noise,
         "data": {"name": exp.data.name, "clients": exp.data.describe()},
         "rounds": len(history), "wall_seconds": wall,
-        "train": {"server": _rate(history, "server"), "client": _rate(history, "client")},
+        "train": {"server": _rate(history, "server"), "client": _rate(history, "client"),
+                  "workers": max((h.get("workers", 0) for h in history), default=0)},
         "upload": {"dtype": exp.cfg.train.upload_dtype,
                    "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
                    "bytes_total": sum(upload_bytes)},

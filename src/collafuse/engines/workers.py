@@ -17,8 +17,13 @@ tensor.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import multiprocessing as mp
+import os
 import pickle
+import sys
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -32,19 +37,45 @@ class WorkerError(CollafuseError):
     """A client worker process stopped without reporting an error of its own."""
 
 
+_guarded = 0  # > 0 while an entry point that keeps its code under `if __name__ == "__main__":` runs
+
+
+@contextlib.contextmanager
+def guarded_entry() -> Iterator[None]:
+    """Declare that the program's main module keeps its code under ``if __name__ == "__main__":`` (as the
+    ``collafuse`` command does), so that a spawned process, which imports that module again, runs nothing."""
+    global _guarded
+    _guarded += 1
+    try:
+        yield
+    finally:
+        _guarded -= 1
+
+
+def spawn_is_safe() -> bool:
+    """Whether worker processes can be spawned without running the caller's script a second time: inside
+    :func:`guarded_entry`, or where the main module is no file (an interactive session, a notebook, ``-c``)."""
+    return _guarded > 0 or getattr(sys.modules.get("__main__"), "__file__", None) is None
+
+
 def _send(conn: Connection, msg: Any) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _serve(conn: Connection, threads: int) -> None:
-    """A worker's loop: receive its clients, then answer round, state and stop messages."""
+    """A worker's loop: import what the clients are made of and say so, receive the clients, then answer
+    round, state and stop messages."""
     torch.set_num_threads(threads)
     clients: list[Client] = []
     try:
         while True:
             msg = pickle.loads(conn.recv_bytes())
             kind = msg[0]
-            if kind == "clients":
+            if kind == "warm":  # the slow part of a start (diffusers takes seconds), done before the clients come
+                for name in msg[1]:
+                    importlib.import_module(name)
+                _send(conn, ("ready", None))
+            elif kind == "clients":
                 clients = msg[1]
             elif kind == "round":
                 _, round_, steps = msg
@@ -52,8 +83,10 @@ def _serve(conn: Connection, threads: int) -> None:
                 _send(conn, ("metrics", [c.train_round(steps, round_) for c in clients]))
             elif kind == "state":
                 _send(conn, ("state", [c.state() for c in clients]))
-            elif kind == "stop":
-                return
+            elif kind == "stop":  # nothing to write back: skip the interpreter's teardown (a second)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process is gone or stopping: so are we
         return
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process, which raises it
@@ -64,18 +97,27 @@ def _serve(conn: Connection, threads: int) -> None:
 
 
 class ClientWorkers:
-    """``workers`` spawned processes, each owning every ``workers``-th client, with ``threads`` threads each."""
+    """``workers`` spawned processes, each owning every ``workers``-th client, with ``threads`` threads each.
+
+    Starting returns at once: the workers import their modules (seconds) while the caller goes on, for example
+    training the first rounds itself. :meth:`ready` hands the clients over once every worker has started; the
+    round methods wait for that.
+    """
 
     def __init__(self, clients: list[Client], workers: int, threads: int) -> None:
         ctx = mp.get_context("spawn")  # fork after PyTorch has started its threads is not safe
+        self.clients = clients
         self.threads = threads
+        self.attached = False  # the workers hold the clients
         self.posted: int | None = None  # the last round asked for
         n = max(1, min(workers, len(clients)))
         self.groups = [list(range(i, len(clients), n)) for i in range(n)]  # client positions, round robin
         self.conns: list[Connection] = []
         self.procs: list[mp.process.BaseProcess] = []
+        modules = sorted({"collafuse.client"} | {type(m).__module__ for c in clients if c.trainer is not None
+                                                 for m in c.trainer.model.modules()})
         try:
-            for i, group in enumerate(self.groups):
+            for i in range(n):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_serve, args=(child, threads), name=f"collafuse-client-worker-{i}",
                                    daemon=True)
@@ -84,12 +126,26 @@ class ClientWorkers:
                 self.conns.append(parent)
                 self.procs.append(proc)
                 try:
-                    _send(parent, ("clients", [clients[k] for k in group]))
+                    _send(parent, ("warm", modules))
                 except (BrokenPipeError, ConnectionError) as exc:  # e.g. a script that multiprocessing cannot import
                     raise self._stopped(i, "start") from exc
         except BaseException:
             self.close()
             raise
+
+    def ready(self, wait: bool = False) -> bool:
+        """Whether the workers hold the clients. Once every worker has started (at once with ``wait``), send
+        each its clients as they are now, in this process, and answer True from then on."""
+        if self.attached:
+            return True
+        if not wait and not all(conn.poll() for conn in self.conns):
+            return False
+        for i in range(len(self.conns)):
+            self._recv(i, "start")
+        for conn, group in zip(self.conns, self.groups, strict=True):
+            _send(conn, ("clients", [self.clients[k] for k in group]))
+        self.attached = True
+        return True
 
     def _stopped(self, i: int, during: str) -> WorkerError:
         self.procs[i].join(5)
@@ -101,6 +157,7 @@ class ClientWorkers:
                            f"resume the run from its last checkpoint with --resume")
 
     def _post(self, msg: tuple) -> None:
+        self.ready(wait=True)
         for i, conn in enumerate(self.conns):
             try:
                 _send(conn, msg)
@@ -153,6 +210,8 @@ class ClientWorkers:
             except (OSError, ValueError):
                 pass
         for proc in self.procs:
+            if not self.attached:  # still starting and holding nothing: no need to wait for its imports
+                proc.kill()
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
