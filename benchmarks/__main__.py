@@ -11,7 +11,7 @@
    model trained here with the default config;
 3. client cost: the client's sampling time per image at t_zeta against t_zeta = T;
 4. communication: bytes a client uploads per round (float32, float16) against FedAvg's exchange;
-5. whole rounds of the local engine with engine.workers = 0, 1, 2 against the bare loop;
+5. whole rounds of the local engine with engine.workers = 0, 1, 2 against the bare loop and the example;
 6. peak memory (RSS) of a client and of the server, each measured in its own process.
 
 Timed loops alternate ours and the baseline (ABAB...) and report medians, so that drift of the
@@ -163,7 +163,8 @@ def bare_loop(cfg: config.Config, x0: torch.Tensor, y0: torch.Tensor, dev: torch
 
 def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Whole rounds of the local engine: training images/s (clients' and server's) with engine.workers = 0, 1, 2,
-    against the bare diffusers loop taking as many steps of the same batch size in this process.
+    against the bare diffusers loop and diffusers' training example taking as many steps of the same batch
+    size in this process.
 
     With workers the clients train in their own processes while the server trains in this one
     (collafuse.engines.workers); the bare loop is one model, which has nothing to run side by side. Every
@@ -180,10 +181,13 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
     B = cfg.train.batch_size
     client = exps[workers[0]].clients[0]
     plain_step = bare_loop(cfg, client.data.train_x[:B], client.data.train_y[:B], torch.device("cpu"))
+    example_step = example_loop(cfg, build(cfg).clients[0].trainer.model.net, client.data.train_x,
+                                client.data.train_y, torch.device("cpu"))
     plain_step()
+    example_step()
     threads = torch.get_num_threads()
     done = dict.fromkeys(workers, 1)  # round 0 is each variant's warm-up
-    rates: dict[str, list[float]] = {**{f"workers_{w}": [] for w in workers}, "bare": []}
+    rates: dict[str, list[float]] = {**{f"workers_{w}": [] for w in workers}, "bare": [], "example": []}
     startup = {}
     with contextlib.ExitStack() as stack:
         pools = {}
@@ -209,12 +213,16 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int,
             for _ in range(steps):
                 plain_step()
             rates["bare"].append(steps * B / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                example_step()
+            rates["example"].append(steps * B / (time.perf_counter() - t0))
     torch.set_num_threads(threads)
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"rounds": rounds, "reps": reps, "clients": len(exps[workers[0]].clients), "batch_size": B,
-            "threads": threads, "bare_images_per_s": med["bare"],
+            "threads": threads, "bare_images_per_s": med["bare"], "example_images_per_s": med["example"],
             "rows": [{"workers": w, "images_per_s": med[f"workers_{w}"], "startup_s": startup[w],
-                      "vs_bare": med[f"workers_{w}"] / med["bare"],
+                      "vs_bare": med[f"workers_{w}"] / med["bare"], "vs_example": med[f"workers_{w}"] / med["example"],
                       "vs_no_workers": med[f"workers_{w}"] / med[f"workers_{workers[0]}"]} for w in workers]}
 
 
@@ -578,6 +586,11 @@ def render(r: dict) -> str:
             lines.append(f"| whole rounds ({ro['clients']} clients and the server), training images/s, {how} | "
                          f"{row['images_per_s']:.0f} | {ro['bare_images_per_s']:.0f} (bare diffusers loop) | "
                          f"{row['vs_bare']:.2f}x |")
+        for row in ro["rows"]:
+            if "vs_example" in row:
+                lines.append(f"| whole rounds, {row['workers']} client worker(s) | {row['images_per_s']:.0f} | "
+                             f"{ro['example_images_per_s']:.0f} (diffusers' training example) | "
+                             f"{row['vs_example']:.2f}x |")
     if "sampling" in r:
         sp = r["sampling"]
         lines.append(f"| DDPM-1000 sampling, s/image ({sp['images']} images) | {sp['split_ddpm_s_per_image']:.4f} "

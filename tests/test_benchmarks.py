@@ -105,4 +105,6 @@ def test_whole_rounds_run_with_and_without_client_workers() -> None:
     r = bench_rounds(cfg, rounds=1, reps=1, workers=(0, 1))
     assert [row["workers"] for row in r["rows"]] == [0, 1] and r["clients"] == 3
     assert all(row["images_per_s"] > 0 for row in r["rows"]) and r["rows"][1]["startup_s"] > 0
-    assert "1 client worker process, the server here" in render({"rounds": r})
+    assert all(row["vs_example"] > 0 for row in r["rows"]) and r["example_images_per_s"] > 0
+    text = render({"rounds": r})
+    assert "1 client worker process, the server here" in text and "(diffusers' training example)" in text

@@ -103,7 +103,7 @@ def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
     from collafuse.engines.workers import guarded_entry, spawn_is_safe
 
     def resolved(*sets: str, rounds: int = local.AUTO_MIN_ROUNDS) -> int:
-        return local.resolve_workers(build(config.load(None, TINY + list(sets))), rounds)
+        return local.resolve_workers(build(config.load(None, TINY + [f"train.rounds={rounds}", *sets])))
 
     assert config.load(None).engine.workers == "auto"
     assert not spawn_is_safe()  # pytest's main module is a file that a spawned process would run again

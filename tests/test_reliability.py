@@ -26,8 +26,9 @@ from conftest import TINY, run_cli
 SETS = [a for o in TINY for a in ("--set", o)]
 
 
-def _run(out: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _run(out: Path, *extra: str, kill_at: str | None = None, env_extra: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if kill_at:
         env["COLLAFUSE_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, "-m", "collafuse.cli", "run", *SETS, "--out", str(out), "--quiet",
@@ -72,6 +73,50 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(kill_at: str, uninte
     h_ref = json.loads((uninterrupted / "metrics.json").read_text())["history"]
     h_got = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["client_loss"] for h in h_ref] == [h["client_loss"] for h in h_got]
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """Processes whose environment holds COLLAFUSE_TEST_TAG=tag (a run's main process and its workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"COLLAFUSE_TEST_TAG={tag}".encode() in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:  # gone, or not ours
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_sigkill_with_a_client_worker_leaves_no_worker_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """engine.workers = "auto" (two threads, 150 rounds): the command's main process is SIGKILLed after the
+    worker has taken the clients over; the worker sees its pipe close and exits, and --resume, with 50 rounds
+    left (fewer than "auto" asks for: it decides on train.rounds), ends where the uninterrupted run ended."""
+    import time
+    import uuid
+
+    extra = ("--set", "engine.threads=2", "--set", "train.rounds=150", "--set", "train.checkpoint_every=50")
+    ref = tmp_path / "ref"
+    res = _run(ref, *extra)
+    assert res.returncode == 0, res.stderr
+    history = json.loads((ref / "metrics.json").read_text())["history"]
+    tag = uuid.uuid4().hex
+    out = tmp_path / "run"
+    res = _run(out, *extra, kill_at="round:140", env_extra={"COLLAFUSE_TEST_TAG": tag})
+    assert res.returncode == -signal.SIGKILL
+    before = json.loads((checkpoint.latest(out) / "state.json").read_text())
+    assert before["round"] == 100 and before["history"][-1]["workers"] == 1, "the worker had not started in time"
+    deadline = time.monotonic() + 60
+    while _tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _tagged_processes(tag) == [], "a client worker outlived its killed main process"
+    res = _run(out, *extra, "--resume")
+    assert res.returncode == 0, res.stderr
+    a, b = _final_state(ref), _final_state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["client_loss"] for h in resumed] == [h["client_loss"] for h in history]
+    assert resumed[-1]["workers"] == 1
 
 
 def test_non_finite_loss_names_the_model_and_round_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:

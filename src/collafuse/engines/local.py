@@ -98,17 +98,18 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
 AUTO_MIN_ROUNDS = 100  # a worker takes seconds to start (it imports diffusers): a short run does not win them back
 
 
-def resolve_workers(exp: Experiment, rounds: int) -> int:
-    """engine.workers as a number, for ``rounds`` rounds to train. ``"auto"`` is 1 where a worker is safe and
-    pays, else 0: on the CPU, with at least two threads to share out (the main process and the worker get
-    half each), at least AUTO_MIN_ROUNDS rounds, clients that train on their own (not fedavg), and a program
-    that a spawned process can import without running it again (:func:`collafuse.engines.workers.
-    spawn_is_safe`: the ``collafuse`` command, a notebook; a script of yours sets engine.workers = 1 itself,
-    under ``if __name__ == "__main__":``)."""
+def resolve_workers(exp: Experiment) -> int:
+    """engine.workers as a number. ``"auto"`` is 1 where a worker is safe and pays, else 0: on the CPU, with
+    at least two threads to share out (the main process and the worker get half each), train.rounds at least
+    AUTO_MIN_ROUNDS (the whole run's, so that a resumed run decides as the uninterrupted one did, and ends
+    with the same weights), clients that train on their own (not fedavg), and a program that a spawned
+    process can import without running it again (:func:`collafuse.engines.workers.spawn_is_safe`: the
+    ``collafuse`` command, a notebook; a script of yours sets engine.workers = 1 itself, under
+    ``if __name__ == "__main__":``)."""
     n = exp.cfg.engine.workers
     if n != "auto":
         return int(n)
-    ok = (rounds >= AUTO_MIN_ROUNDS and exp.cfg.train.aggregation != "fedavg"
+    ok = (exp.cfg.train.rounds >= AUTO_MIN_ROUNDS and exp.cfg.train.aggregation != "fedavg"
           and all(t.device.type == "cpu" for t in exp.trainers.values())
           and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
           and any(c.trainer is not None for c in exp.clients)
@@ -120,7 +121,7 @@ def resolve_workers(exp: Experiment, rounds: int) -> int:
 def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | None]:
     """engine.workers processes for the clients, for ``rounds`` rounds (None: they train here), with the threads
     shared out."""
-    n = resolve_workers(exp, rounds)
+    n = resolve_workers(exp)
     if n == 0 or rounds == 0 or not any(c.trainer is not None for c in exp.clients):
         yield None
         return
