@@ -11,7 +11,8 @@ the timed loops interleaved and reported as medians:
 3. oneDNN switched off (PyTorch's own convolutions);
 4. all clients of a round in one vmapped step (torch.func): one pass of K models instead of K passes;
 5. two processes with one thread each against one process with two threads: the throughput that running two
-   independent clients side by side would give.
+   independent clients side by side would give; and the same two models in two Python threads of one
+   process (what the GIL leaves of it).
 
 `python -m benchmarks.profile_step` shows where the step's time goes. Run nothing else heavy meanwhile.
 """
@@ -25,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -185,14 +187,57 @@ def _run_workers(cfg_args: list[str], threads: int, processes: int, steps: int) 
             p.wait()
 
 
+def _run_threads(cfg_args: list[str], steps: int) -> float:
+    """Wall time of two Python threads in this process, each taking ``steps`` steps of its own model with one
+    intra-op thread (PyTorch lets go of the GIL inside its kernels, not between them)."""
+    cfg = config.load(cfg_args[0] or None, cfg_args[1:])
+    nets, (x, t, y) = _net_and_batch(cfg, cfg.train.batch_size)
+    fns = [_step_fn(copy.deepcopy(nets[0]), x, t, y) for _ in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for f in fns:
+            for _ in range(3):
+                f()
+
+        def run(f) -> None:
+            for _ in range(steps):
+                f()
+
+        threads = [threading.Thread(target=run, args=(f,)) for f in fns]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench_processes(cfg_args: list[str], steps: int, reps: int) -> dict:
-    """Two 1-thread processes doing ``steps`` each against one 2-thread process doing 2 x ``steps``."""
-    one, two = [], []
+    """Two 1-thread processes doing ``steps`` each, and two 1-thread Python threads in this process, against one
+    2-thread process doing 2 x ``steps``."""
+    one, two, threads = [], [], []
     for _ in range(reps):
         one.append(_run_workers(cfg_args, threads=2, processes=1, steps=2 * steps))
         two.append(_run_workers(cfg_args, threads=1, processes=2, steps=steps))
-    a, b = statistics.median(one), statistics.median(two)
-    return {"steps": 2 * steps, "one_process_two_threads_s": a, "two_processes_one_thread_s": b, "speedup": a / b}
+        threads.append(_run_threads(cfg_args, steps))
+    a, b, c = statistics.median(one), statistics.median(two), statistics.median(threads)
+    return {"steps": 2 * steps, "one_process_two_threads_s": a, "two_processes_one_thread_s": b, "speedup": a / b,
+            "two_python_threads_s": c, "threads_speedup": a / c}
+
+
+def processes_rows(p: dict) -> list[str]:
+    """The table rows of :func:`bench_processes`."""
+    rows = [f"| {p['steps']} steps in two 1-thread processes, s (against one 2-thread process) "
+            f"| {p['two_processes_one_thread_s']:.1f} s | {p['one_process_two_threads_s']:.1f} s "
+            f"| {p['speedup']:.2f}x |"]
+    if "two_python_threads_s" in p:
+        rows.append(f"| {p['steps']} steps in two Python threads of one process, one intra-op thread each, s "
+                    f"(against one 2-thread process) | {p['two_python_threads_s']:.1f} s "
+                    f"| {p['one_process_two_threads_s']:.1f} s | {p['threads_speedup']:.2f}x |")
+    return rows
 
 
 def render(r: dict) -> str:
@@ -212,10 +257,7 @@ def render(r: dict) -> str:
         rows.append(f"| {v['clients']} clients in one vmapped step, ms (against {v['clients']} separate steps) "
                     f"| {v['vmapped_ms']:.0f} ms | {v['separate_ms']:.0f} ms | {v['speedup']:.2f}x |")
     if "processes" in r:
-        p = r["processes"]
-        rows.append(f"| {p['steps']} steps in two 1-thread processes, s (against one 2-thread process) "
-                    f"| {p['two_processes_one_thread_s']:.1f} s | {p['one_process_two_threads_s']:.1f} s "
-                    f"| {p['speedup']:.2f}x |")
+        rows += processes_rows(r["processes"])
     return "\n".join(rows)
 
 

@@ -20,6 +20,16 @@ def test_communication_counts_the_real_upload_bytes() -> None:
 
 
 
+def test_client_cost_times_a_short_cut_more_often() -> None:
+    """A short cut's job is timed T / (4 t_zeta) times per repetition, so that its median rests on as much time."""
+    from benchmarks.__main__ import bench_client_cost
+
+    cfg = config.load(None, ["split.T=40", "split.t_zeta=10"])
+    rows = {r["t_zeta"]: r for r in bench_client_cost(cfg, n=2, cuts=[40, 10, 2])["rows"]}
+    assert [rows[t]["timings"] for t in (40, 10, 2)] == [3, 3, 15]  # 3 repetitions; 40 // (4 * 2) = 5 timings each
+    assert rows[40]["share_of_alone"] == 1.0 and 0 < rows[2]["share_of_alone"] < 1
+
+
 def test_gpu_script_runs_the_cifar_config_on_cifar_shaped_data(tmp_path) -> None:
     """The GPU script's own code path, on the CPU: real pickle batches, the real loader, train and sample."""
     import json
@@ -90,11 +100,17 @@ def test_ceiling_1x1_convolutions_as_matmuls_compute_the_same_function() -> None
 
 
 def test_ceiling_process_workers_start_together_and_report(tmp_path) -> None:
-    """The two-process comparison's real subprocess path: workers warm up, start on one signal and time."""
-    from benchmarks.ceiling import bench_processes
+    """The two-process comparison's real subprocess path: workers warm up, start on one signal and time; the
+    Python-threads row runs in this process and gives its thread count back."""
+    import torch
+    from benchmarks.ceiling import bench_processes, processes_rows
 
+    threads = torch.get_num_threads()
     r = bench_processes(["", "train.batch_size=4"], steps=2, reps=1)
     assert r["steps"] == 4 and r["one_process_two_threads_s"] > 0 and r["two_processes_one_thread_s"] > 0
+    assert r["two_python_threads_s"] > 0 and torch.get_num_threads() == threads  # the threads row restores them
+    rows = processes_rows(r)
+    assert len(rows) == 2 and "two 1-thread processes" in rows[0] and "two Python threads" in rows[1]
 
 
 def test_whole_rounds_run_with_and_without_client_workers() -> None:

@@ -171,6 +171,18 @@ def test_a_killed_client_worker_is_a_clear_error() -> None:
             pool.finish_round()
 
 
+def test_a_worker_that_dies_before_it_gets_its_clients_is_a_clear_error() -> None:
+    from collafuse.engines.workers import ClientWorkers, WorkerError
+
+    exp = build(config.load(None, TINY))
+    with ClientWorkers(exp.clients, 2, 1) as pool:
+        assert all(conn.poll(60) for conn in pool.conns)  # both have started and said so
+        pool.procs[1].kill()
+        pool.procs[1].join()
+        with pytest.raises(WorkerError, match=r"client worker 1 stopped \(exit code -9\) during 'clients'"):
+            pool.ready(wait=True)
+
+
 class Crash(Exception):
     pass
 

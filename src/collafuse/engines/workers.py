@@ -142,8 +142,8 @@ class ClientWorkers:
             return False
         for i in range(len(self.conns)):
             self._recv(i, "start")
-        for conn, group in zip(self.conns, self.groups, strict=True):
-            _send(conn, ("clients", [self.clients[k] for k in group]))
+        for i, group in enumerate(self.groups):
+            self._send_to(i, ("clients", [self.clients[k] for k in group]))
         self.attached = True
         return True
 
@@ -156,13 +156,16 @@ class ClientWorkers:
         return WorkerError(f"client worker {i} stopped (exit code {self.procs[i].exitcode}) during '{during}'; "
                            f"resume the run from its last checkpoint with --resume")
 
+    def _send_to(self, i: int, msg: tuple) -> None:
+        try:
+            _send(self.conns[i], msg)
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise self._stopped(i, msg[0]) from exc
+
     def _post(self, msg: tuple) -> None:
         self.ready(wait=True)
-        for i, conn in enumerate(self.conns):
-            try:
-                _send(conn, msg)
-            except (BrokenPipeError, ConnectionError) as exc:
-                raise self._stopped(i, msg[0]) from exc
+        for i in range(len(self.conns)):
+            self._send_to(i, msg)
 
     def _recv(self, i: int, expected: str) -> Any:
         try:
