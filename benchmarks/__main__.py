@@ -11,7 +11,8 @@
    model trained here with the default config;
 3. client cost: the client's sampling time per image at t_zeta against t_zeta = T;
 4. communication: bytes a client uploads per round (float32, float16) against FedAvg's exchange;
-5. whole rounds of the local engine with engine.workers = 0, 1, 2 against the bare loop and the example;
+5. whole rounds of the local engine with engine.workers = 0, 1, 2 and "thread" against the bare loop and the
+   example;
 6. peak memory (RSS) of a client and of the server, each measured in its own process.
 
 Timed loops alternate ours and the baseline (ABAB...) and report medians, so that drift of the
@@ -161,12 +162,14 @@ def bare_loop(cfg: config.Config, x0: torch.Tensor, y0: torch.Tensor, dev: torch
     return plain_step
 
 
-def bench_rounds(cfg: config.Config, rounds: int, reps: int, workers: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Whole rounds of the local engine: training images/s (clients' and server's) with engine.workers = 0, 1, 2,
+def bench_rounds(cfg: config.Config, rounds: int, reps: int,
+                 workers: tuple[int | str, ...] = (0, 1, 2, "thread")) -> dict:
+    """Whole rounds of the local engine: training images/s (clients' and server's) with engine.workers = 0, 1, 2
+    and "thread",
     against the bare diffusers loop and diffusers' training example taking as many steps of the same batch
     size in this process.
 
-    With workers the clients train in their own processes while the server trains in this one
+    With workers the clients train in their own processes (or a thread) while the server trains in this one
     (collafuse.engines.workers); the bare loop is one model, which has nothing to run side by side. Every
     variant's workers start once and stay (idle workers wait on a pipe and use no CPU); the blocks of rounds
     alternate and never overlap; the workers' start-up is timed apart and left out of the rates.
@@ -554,6 +557,12 @@ def _moved(c: dict) -> str:
     return f"; weights {c['max_weight_difference']:.0e} from float32's after {c['steps']} steps"
 
 
+def _rounds_variant(w: int | str) -> str:
+    if w == "thread":
+        return "the clients in a thread, the server here"
+    return f"{w} client worker process{'es' if w > 1 else ''}, the server here" if w else "one process"
+
+
 def render(r: dict) -> str:
     """The table of whatever sections ``r`` holds."""
     lines = ["| measurement | collafuse | baseline | ratio |", "|---|---|---|---|"]
@@ -585,14 +594,13 @@ def render(r: dict) -> str:
     if "rounds" in r:
         ro = r["rounds"]
         for row in ro["rows"]:
-            how = (f"{row['workers']} client worker process{'es' if row['workers'] > 1 else ''}, the server here"
-                   if row["workers"] else "one process")
+            how = _rounds_variant(row["workers"])
             lines.append(f"| whole rounds ({ro['clients']} clients and the server), training images/s, {how} | "
                          f"{row['images_per_s']:.0f} | {ro['bare_images_per_s']:.0f} (bare diffusers loop) | "
                          f"{row['vs_bare']:.2f}x |")
         for row in ro["rows"]:
             if "vs_example" in row:
-                lines.append(f"| whole rounds, {row['workers']} client worker(s) | {row['images_per_s']:.0f} | "
+                lines.append(f"| whole rounds, {_rounds_variant(row['workers'])} | {row['images_per_s']:.0f} | "
                              f"{ro['example_images_per_s']:.0f} (diffusers' training example) | "
                              f"{row['vs_example']:.2f}x |")
     if "sampling" in r:

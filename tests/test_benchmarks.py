@@ -118,9 +118,10 @@ def test_whole_rounds_run_with_and_without_client_workers() -> None:
     from benchmarks.__main__ import bench_rounds, render
 
     cfg = config.load(None, ["train.batch_size=8", "train.upload_size=8", "engine.threads=1"])
-    r = bench_rounds(cfg, rounds=1, reps=1, workers=(0, 1))
-    assert [row["workers"] for row in r["rows"]] == [0, 1] and r["clients"] == 3
+    r = bench_rounds(cfg, rounds=1, reps=1, workers=(0, 1, "thread"))
+    assert [row["workers"] for row in r["rows"]] == [0, 1, "thread"] and r["clients"] == 3
     assert all(row["images_per_s"] > 0 for row in r["rows"]) and r["rows"][1]["startup_s"] > 0
     assert all(row["vs_example"] > 0 for row in r["rows"]) and r["example_images_per_s"] > 0
     text = render({"rounds": r})
     assert "1 client worker process, the server here" in text and "(diffusers' training example)" in text
+    assert "the clients in a thread, the server here" in text

@@ -68,6 +68,43 @@ def test_client_workers_give_the_same_weights_bit_for_bit(tmp_path: Path) -> Non
     _assert_same(_state(alone), _state(resumed))
 
 
+def test_a_client_thread_gives_the_same_weights_bit_for_bit(tmp_path: Path) -> None:
+    """engine.workers = "thread": the clients train in a thread beside the server, one intra-op thread each."""
+    import threading
+
+    alone, h_alone = _train(tmp_path / "alone")
+    before = threading.active_count()
+    try:
+        side, h_side = _train(tmp_path / "side", ["engine.workers='thread'", "engine.threads=2"])
+        _train(tmp_path / "half", ["train.rounds=2"])
+        resumed, _ = _train(tmp_path / "half", ["engine.workers='thread'", "engine.threads=2"], resume=True)
+    finally:
+        torch.set_num_threads(1)  # engine.threads = 2 set the process's threads, as the command does
+    assert threading.active_count() == before  # the clients' thread is gone
+    assert all(h["client_thread"] and h["workers"] == 0 for h in h_side)
+    _assert_same(_state(alone), _state(side))
+    for key in ("server_loss", "client_loss", "upload_bytes"):
+        assert [h[key] for h in h_alone] == [h[key] for h in h_side]
+    # a run resumed with a thread, after half of it without, ends where the run in one thread ended
+    _assert_same(_state(alone), _state(resumed))
+
+
+def test_a_client_thread_failure_is_raised_here(tmp_path: Path) -> None:
+    import threading
+
+    from collafuse.training import NonFiniteLoss
+
+    before = threading.active_count()
+    exp = build(config.load(None, TINY + ["engine.workers='thread'"]))
+    exp.clients[1].data.train_x.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match=r"the client 1 loss became nan in round 0"):
+        local.train(exp, tmp_path / "r", progress=False)
+    assert threading.active_count() == before
+    with pytest.raises(ConfigError, match="engine.workers = 'thread' cannot run train.aggregation = 'fedavg'"):
+        local.train(build(config.load(None, TINY + ["engine.workers='thread'", "train.aggregation='fedavg'"])),
+                    tmp_path / "f", progress=False)
+
+
 def test_clients_handed_to_workers_after_some_rounds_end_the_same(tmp_path: Path) -> None:
     """The engine trains the clients itself until the workers have started; the hand-over changes nothing."""
     from collafuse.engines.workers import ClientWorkers
@@ -107,15 +144,19 @@ def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
 
     assert config.load(None).engine.workers == "auto"
     assert not spawn_is_safe()  # pytest's main module is a file that a spawned process would run again
-    assert resolved("engine.threads=2") == 0
+    assert resolved("engine.threads=2") == "thread"  # a script: a thread needs no guard
     with guarded_entry():
         assert resolved("engine.threads=2") == 1
-        assert resolved("engine.threads=2", rounds=local.AUTO_MIN_ROUNDS - 1) == 0  # too short to pay
+        assert resolved("engine.threads=2", rounds=local.AUTO_MIN_ROUNDS - 1) == "thread"  # too short for a process
         assert resolved("engine.threads=1") == 0  # nothing to share out
         assert resolved("engine.threads=2", "train.aggregation='fedavg'") == 0
+        assert resolved("engine.threads=2", "split.t_zeta=0") == 0  # no client trains
         assert resolved("engine.threads=2", "engine.workers=0") == 0
     assert not spawn_is_safe()
     assert resolved("engine.workers=2", rounds=1) == 2  # a number is taken as given
+    assert resolved("engine.workers='thread'", "engine.threads=1") == "thread"
+    with pytest.raises(ConfigError, match="engine.workers = 'threads'.*'auto', 'thread' or an integer >= 0"):
+        config.load(None, TINY + ["engine.workers='threads'"])
 
 
 def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> None:

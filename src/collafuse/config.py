@@ -110,8 +110,9 @@ class EngineSection:
     threads: int = 0  # 0: PyTorch's default
     device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
     # local engine on the CPU: processes that train the clients side by side while the main process trains the
-    # server (0: everything in one process). Same maths; faster on several cores (docs/performance.md).
-    # "auto": 1 where it is safe and pays (see collafuse.engines.local.resolve_workers), else 0
+    # server, or "thread": one thread of the main process (0: everything in turn in one thread). Same maths;
+    # faster on several cores (docs/performance.md). "auto": 1 or "thread" where it is safe and pays (see
+    # collafuse.engines.local.resolve_workers), else 0
     workers: int | str = "auto"
     # Flower engine only:
     min_clients: int = 0  # a round counts when at least this many clients answered (0: all of them)
@@ -196,8 +197,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
     "engine.round_timeout": (lambda v, c: v > 0, "seconds > 0"),
     "engine.wait_for_nodes": (lambda v, c: v > 0, "seconds > 0"),
     "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
-    "engine.workers": (lambda v, c: v == "auto" or isinstance(v, int) and v >= 0,
-                       "'auto' or an integer >= 0 (0 = clients train in the main process)"),
+    "engine.workers": (lambda v, c: v in ("auto", "thread") or isinstance(v, int) and v >= 0,
+                       "'auto', 'thread' or an integer >= 0 (0 = clients train in the main process, in turn with "
+                       "the server)"),
     "engine.device": (lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
 

@@ -119,7 +119,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
                     for c in metrics["data"]["clients"]),
         f"- rounds: {metrics['rounds']}, wall time {metrics['wall_seconds']:.1f} s"
         + (f" (clients in {tr['workers']} worker process(es) beside the server's, so each model's images/s "
-           f"below is that of its own process's share of the threads)" if tr.get("workers") else ""),
+           f"below is that of its own process's share of the threads)" if tr.get("workers") else
+           " (clients in a thread beside the server's, so each model's images/s below is that of its own share "
+           "of the threads)" if tr.get("client_thread") else ""),
         f"- upload per client and round: {metrics['upload']['bytes_per_client_round']} bytes "
         f"({metrics['upload']['dtype']}); rejected uploads: {metrics['rejected_uploads']}",
         "",

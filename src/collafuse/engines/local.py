@@ -26,7 +26,7 @@ from ..metrics import LabelClassifier
 from ..report import plot_losses, save_grid, save_handover, write_report
 from ..server import Server
 from ..split import describe_cuts
-from .workers import ClientWorkers, spawn_is_safe
+from .workers import ClientThread, ClientWorkers, spawn_is_safe
 
 log = logging.getLogger(__name__)
 
@@ -98,51 +98,58 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
 AUTO_MIN_ROUNDS = 100  # a worker takes seconds to start (it imports diffusers): a short run does not win them back
 
 
-def resolve_workers(exp: Experiment) -> int:
-    """engine.workers as a number. ``"auto"`` is 1 where a worker is safe and pays, else 0: on the CPU, with
-    at least two threads to share out (the main process and the worker get half each), train.rounds at least
-    AUTO_MIN_ROUNDS (the whole run's, so that a resumed run decides as the uninterrupted one did, and ends
-    with the same weights), clients that train on their own (not fedavg), and a program that a spawned
-    process can import without running it again (:func:`collafuse.engines.workers.spawn_is_safe`: the
-    ``collafuse`` command, a notebook; a script of yours sets engine.workers = 1 itself, under
-    ``if __name__ == "__main__":``)."""
+def resolve_workers(exp: Experiment) -> int | str:
+    """engine.workers as a number of processes, or ``"thread"``. ``"auto"`` trains the clients beside the
+    server where that is safe and pays: on the CPU, with at least two threads to share out (the server and
+    the clients get half each) and clients that train on their own (not fedavg). Then it is one worker
+    process for runs of at least AUTO_MIN_ROUNDS rounds (the whole run's, so that a resumed run decides as
+    the uninterrupted one did) from a program that a spawned process can import without running it again
+    (:func:`collafuse.engines.workers.spawn_is_safe`: the ``collafuse`` command, a notebook), and a thread of
+    this process otherwise (a script of yours, a short run: a thread starts at once and needs no guard).
+    Elsewhere it is 0."""
     n = exp.cfg.engine.workers
+    if n == "thread":
+        return n
     if n != "auto":
         return int(n)
-    ok = (exp.cfg.train.rounds >= AUTO_MIN_ROUNDS and exp.cfg.train.aggregation != "fedavg"
-          and all(t.device.type == "cpu" for t in exp.trainers.values())
-          and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
-          and any(c.trainer is not None for c in exp.clients)
-          and spawn_is_safe())
-    return 1 if ok else 0
+    if not (exp.cfg.train.aggregation != "fedavg" and all(t.device.type == "cpu" for t in exp.trainers.values())
+            and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
+            and any(c.trainer is not None for c in exp.clients)):
+        return 0
+    return 1 if exp.cfg.train.rounds >= AUTO_MIN_ROUNDS and spawn_is_safe() else "thread"
 
 
 @contextlib.contextmanager
-def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | None]:
-    """engine.workers processes for the clients, for ``rounds`` rounds (None: they train here), with the threads
-    shared out."""
+def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | ClientThread | None]:
+    """engine.workers processes (or a thread) for the clients, for ``rounds`` rounds (None: they train here,
+    in turn with the server), with the threads shared out."""
     n = resolve_workers(exp)
     if n == 0 or rounds == 0 or not any(c.trainer is not None for c in exp.clients):
         yield None
         return
     if exp.cfg.train.aggregation == "fedavg":
-        raise ConfigError("engine.workers > 0 cannot run train.aggregation = 'fedavg' (it averages the clients' "
-                          "weights in this process every round); set engine.workers = 0")
+        raise ConfigError(f"engine.workers = {n!r} cannot run train.aggregation = 'fedavg' (it averages the "
+                          f"clients' weights every round); set engine.workers = 0")
     if any(t.device.type != "cpu" for t in exp.trainers.values()):
-        raise ConfigError("engine.workers > 0 trains clients in CPU processes; on a GPU set engine.workers = 0")
+        raise ConfigError(f"engine.workers = {n!r} trains the clients beside the server on the CPU; on a GPU set "
+                          f"engine.workers = 0")
     before = torch.get_num_threads()
     total = exp.cfg.engine.threads or before
-    each = max(1, total // (min(n, len(exp.clients)) + 1))  # the server trains in this process meanwhile
+    each = max(1, total // ((1 if n == "thread" else min(n, len(exp.clients))) + 1))  # the server's share here
     torch.set_num_threads(each)
-    log.info("clients train in %d worker process(es) beside the server, %d thread(s) each", n, each)
+    if n == "thread":
+        log.info("clients train in a thread beside the server, %d intra-op thread(s) each", each)
+    else:
+        log.info("clients train in %d worker process(es) beside the server, %d thread(s) each", n, each)
     try:
-        with ClientWorkers(exp.clients, n, each) as pool:
+        with (ClientThread(exp.clients, each) if n == "thread" else ClientWorkers(exp.clients, n, each)) as pool:
             yield pool
     finally:
         torch.set_num_threads(before)
 
 
-def run_round(exp: Experiment, r: int, pool: ClientWorkers | None, ahead: bool = False) -> dict[str, Any]:
+def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None, ahead: bool = False
+              ) -> dict[str, Any]:
     """One round of DESIGN.md section 4: uploads, the clients' local steps, the server's training.
 
     With workers and ``ahead``, round r + 1 is asked for as soon as round r's uploads are in: the clients never
@@ -178,6 +185,7 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | None, ahead: bool =
         "client_samples": [m["samples"] for m in client_metrics],
         "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
         "workers": 0 if pool is None else len(pool.procs),  # processes that trained the clients (0: this one)
+        "client_thread": isinstance(pool, ClientThread),  # the clients trained in a thread beside the server
         "seconds": time.perf_counter() - began, "ended_at": time.time(),
     }
 
@@ -243,7 +251,8 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
         "data": {"name": exp.data.name, "clients": exp.data.describe()},
         "rounds": len(history), "wall_seconds": wall,
         "train": {"server": _rate(history, "server"), "client": _rate(history, "client"),
-                  "workers": max((h.get("workers", 0) for h in history), default=0)},
+                  "workers": max((h.get("workers", 0) for h in history), default=0),
+                  "client_thread": any(h.get("client_thread", False) for h in history)},
         "upload": {"dtype": exp.cfg.train.upload_dtype,
                    "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
                    "bytes_total": sum(upload_bytes)},
