@@ -484,9 +484,8 @@ if role == "client":
 else:
     for cl in exp.clients:
         cl.trainer = None
-    ups = [cl.make_upload(0) for cl in exp.clients]
-    for _ in range(3):
-        exp.server.train_round(exp.server.accept(ups))
+    for r in range(3):
+        exp.server.train_round(exp.server.accept([cl.make_upload(r) for cl in exp.clients]))
     exp.server.handover(192, torch.cat([cl.sample_labels(64) for cl in exp.clients]), sampler="ddim", steps=20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """

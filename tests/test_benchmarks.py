@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -125,3 +126,13 @@ def test_whole_rounds_run_with_and_without_client_workers() -> None:
     text = render({"rounds": r})
     assert "1 client worker process, the server here" in text and "(diffusers' training example)" in text
     assert "the clients in a thread, the server here" in text
+
+
+def test_handover_script_shows_the_old_narrowing_and_the_split_equal_to_no_split() -> None:
+    from benchmarks.handover import handover_row
+
+    r = handover_row(97, 48, n=4000)
+    # same noise, same draws (to rounding: the server's epsilon is converted from the tail chain's)
+    assert math.isclose(r["ddpm_split"], r["ddpm_unsplit"], rel_tol=1e-9)
+    assert math.isclose(r["ddim_split"], r["ddim_unsplit"], rel_tol=1e-9)
+    assert r["ddpm_tail"] < 0.85 * r["ddpm_split"]  # tail coordinates: 0.76 of the truth at this cut

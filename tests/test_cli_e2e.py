@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from collafuse.errors import CollafuseError
 from conftest import TINY, run_cli
 
 
@@ -85,3 +86,35 @@ def test_label_agreement_is_reported(run_dir: Path) -> None:
     assert la["classifier_test_accuracy"] > 0.95  # the yardstick itself works on real digits
     assert set(la["per_client"]) == {"0", "1", "2"} and all(0 <= v <= 1 for v in la["per_client"].values())
     assert "Label agreement" in (run_dir / "report.md").read_text()
+
+
+def test_a_data_error_names_no_run_folder_and_writes_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 18: the 'run folder:' line comes only once the folder exists; a CIFAR-10 run is not called digits."""
+    from collafuse import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--set", "data.name=cifar10", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "run folder" not in out and err.startswith("collafuse: error:") and "cifar" in err.lower()
+    assert not (tmp_path / "runs").exists()
+
+    seen = []
+
+    def fake_run(cfg, out, *, progress, announce, resume=False):  # the engine, up to the moment the folder exists
+        out.mkdir(parents=True)
+        announce(out)
+        seen.append(out)
+        raise CollafuseError("stopped here by the test")
+
+    monkeypatch.setattr("collafuse.engines.local.run", fake_run)
+    assert cli.main(["run", "--set", "data.name=cifar10", "--quiet"]) == 2
+    out, _ = capsys.readouterr()
+    assert seen[0].parent == Path("runs") and seen[0].name.startswith("cifar10-")
+    assert f"run folder: {seen[0]}" in out
+
+
+def test_eval_says_when_fid_was_turned_off() -> None:
+    from collafuse.metrics.evaluate import _missing
+
+    assert _missing({}, "off")[0] == "FID skipped: eval.inception = 'off' (set it to 'auto' to compute FID)"
+    assert "pip install" in _missing({}, "auto")[0]

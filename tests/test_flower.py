@@ -133,7 +133,9 @@ def test_the_server_refuses_each_kind_of_malformed_upload(digits_exp, kind, why)
     with pytest.raises(UploadRejected, match=why):
         digits_exp.server.validate(decode_upload(content, expect_client=0, expect_round=0))
     good = decode_upload(encode_upload(up), expect_client=0, expect_round=0)
-    assert digits_exp.server.validate(good) is good
+    plain = digits_exp.server.validate(good)  # the server's own plain copy of what was decoded
+    assert (plain.client_id, plain.round, plain.t_zeta) == (good.client_id, good.round, good.t_zeta)
+    assert torch.equal(plain.x_t_zeta, good.x_t_zeta) and torch.equal(plain.labels, good.labels)
 
 
 def test_flwr_run_against_a_simulation_superlink(tmp_path):

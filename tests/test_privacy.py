@@ -99,6 +99,23 @@ def test_once_policy_is_in_the_config_and_the_run_metrics(tmp_path) -> None:
     pv = metrics["privacy"]
     assert pv["policy"] == "once" and pv["per_client"]["0"]["releases"] == 1
     assert pv["per_client"]["0"]["clip_norm"] == 4.0 and math.isfinite(pv["per_client"]["0"]["epsilon"])
-    assert "Privacy against the server" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Privacy against the server" in report
+    assert "| client | policy | releases | noise multiplier | epsilon | delta | verdict |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 0 | once | 1 |"))
+    assert f"{pv['per_client']['0']['epsilon']:.4g}" in row
+
+
+def test_the_report_table_gives_each_privacy_verdict() -> None:
+    from collafuse.report import privacy_table
+
+    per = {"0": {"epsilon": 2.0, "delta": 1e-5, "releases": 1, "noise_multiplier": 1.2, "vacuous": False},
+           "1": {"epsilon": 80.0, "delta": 1e-5, "releases": 30, "noise_multiplier": 0.1, "vacuous": True},
+           "2": {"epsilon": float("inf"), "delta": 1e-5, "releases": 5, "noise_multiplier": 0.0, "vacuous": True},
+           "3": {"epsilon": 0.0, "delta": 1e-5, "releases": 0, "noise_multiplier": 0.0, "vacuous": False}}
+    rows = [r for r in privacy_table({"policy": "fresh", "per_client": per}) if r.startswith("| ") and r[2].isdigit()]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == [
+        "meaningful", "vacuous: does not rule out reconstruction", "no guarantee: raw images sent (t_zeta = 0)",
+        "nothing released: no cost"]
     with pytest.raises(Exception, match="upload_policy"):
         config.load(None, ["train.upload_policy='sometimes'"])

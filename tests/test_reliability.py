@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from collafuse.errors import CheckpointError, UploadRejected
 from collafuse.experiment import build
 from collafuse.training import NonFiniteLoss
 from conftest import TINY, run_cli
+from support import FakeFinite
 
 SETS = [a for o in TINY for a in ("--set", o)]
 
@@ -147,6 +149,7 @@ def _server():
 
 _EXP, _GOOD = _server()
 _BEFORE = [p.detach().clone() for p in _EXP.server.trainer.model.parameters()]
+_BEFORE_RNG = _EXP.server.trainer.generator.get_state()
 
 shapes = st.lists(st.integers(0, 12), min_size=0, max_size=5).map(tuple)
 dtypes = st.sampled_from([torch.float16, torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool,
@@ -157,7 +160,8 @@ specials = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e6, -50.
 @st.composite
 def malformed_uploads(draw) -> object:
     """An upload wrong in at least one way the protocol forbids."""
-    kind = draw(st.sampled_from(["shape", "dtype", "special", "labels", "client", "cut", "count", "type"]))
+    kind = draw(st.sampled_from(["shape", "dtype", "special", "labels", "client", "cut", "count", "type", "round",
+                                 "loose", "subclass", "view", "container", "layout"]))
     x, y = _GOOD.x_t_zeta.clone(), _GOOD.labels.clone()
     up = dataclasses.replace(_GOOD, x_t_zeta=x, labels=y)
     if kind == "shape":
@@ -182,17 +186,45 @@ def malformed_uploads(draw) -> object:
     if kind == "count":
         n = draw(st.integers(9, 40))
         return dataclasses.replace(up, x_t_zeta=x[:1].repeat(n, 1, 1, 1), labels=y[:1].repeat(n))
+    if kind == "round":
+        return dataclasses.replace(up, round=draw(st.one_of(st.integers().filter(lambda r: r != 0), st.none(),
+                                                            st.text(max_size=3), st.floats(), st.just(0.0))))
+    if kind == "loose":  # the right numbers in the wrong types: bool, float, tensor, numpy
+        field = draw(st.sampled_from(["client_id", "round", "t_zeta"]))
+        value = getattr(up, field)
+        loose = draw(st.sampled_from([float, torch.tensor, np.int64] + ([bool] if value in (0, 1) else [])))
+        return dataclasses.replace(up, **{field: loose(value)})
+    if kind == "subclass":  # values beyond the bound (or not finite) behind a subclass that hides them
+        bad = x.clone()
+        bad.view(-1)[draw(st.integers(0, x.numel() - 1))] = draw(specials)
+        return dataclasses.replace(up, x_t_zeta=bad.as_subclass(FakeFinite))
+    if kind == "view":  # a strided or transposed view that holds a bad value
+        base = torch.cat([x, x]).clone()
+        base.view(-1)[draw(st.integers(0, x[0].numel() - 1))] = draw(specials)  # in image 0, which both views hold
+        view = draw(st.sampled_from(["stride", "transpose"]))
+        return dataclasses.replace(up, x_t_zeta=base[::2] if view == "stride" else base[:8].transpose(2, 3))
+    if kind == "container":
+        field = draw(st.sampled_from(["x_t_zeta", "labels"]))
+        value = getattr(up, field)
+        return dataclasses.replace(up, **{field: draw(st.sampled_from([value.tolist(), tuple(value.tolist()),
+                                                                        {"t": value}, value.numpy()]))})
+    if kind == "layout":
+        return dataclasses.replace(up, x_t_zeta=draw(st.sampled_from([
+            torch.empty(x.shape, device="meta"), x.to_sparse(), x.to_mkldnn()])))
     return draw(st.sampled_from([None, 3, "x", x, {"x_t_zeta": x}, x.numpy()]))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(malformed_uploads())
 def test_random_malformed_uploads_never_crash_or_touch_the_server(upload: object) -> None:
+    _EXP.server.start_round(0)  # the round _GOOD was made in: a refusal is then for the malformation drawn
     with pytest.raises(UploadRejected):
         _EXP.server.validate(upload)
     accepted = _EXP.server.accept([upload])
     assert accepted == []
     _EXP.server.train_round(accepted)
+    after = _EXP.server.trainer.state()
+    assert torch.equal(after["rng"], _BEFORE_RNG) and after["steps"] == 0
     for a, b in zip(_BEFORE, _EXP.server.trainer.model.parameters(), strict=True):
         assert torch.equal(a, b)
 

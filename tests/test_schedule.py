@@ -95,6 +95,8 @@ def test_ddim_handover_is_exactly_at_t_zeta(t_zeta: int) -> None:
     assert client[0] == t_zeta and client[-1] == 0
     assert server == sorted(set(server), reverse=True) and client == sorted(set(client), reverse=True)
     assert len(server) - 1 + len(client) - 1 <= 51
+    # no step is coarser than the unsplit sampler's: its timesteps are all kept, t_zeta added
+    assert set(ddim_timesteps(1000, 0, 50)) <= set(server) | set(client) == set(ddim_timesteps(1000, 0, 50)) | {t_zeta}
 
 
 def test_ddim_timesteps_even_and_inclusive() -> None:

@@ -106,6 +106,7 @@ def load(path: Path, exp: Experiment) -> tuple[int, list[dict[str, Any]]]:
                         "counts only the uploads from here on", path.name, c.cid)
         else:
             c.sent = sent.clone()
+    exp.server.start_round(int(state["round"]))
     return int(state["round"]), list(state["history"])
 
 

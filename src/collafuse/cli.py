@@ -119,12 +119,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.resume:
         raise CollafuseError("--resume needs --out RUN_DIR: the run folder to continue")
     else:
-        stem = cfg.run.name or (Path(args.config).stem if args.config else "digits")
+        stem = cfg.run.name or (Path(args.config).stem if args.config else cfg.data.name)
         out = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
-    print(f"run folder: {out}")
     kwargs = {} if cfg.engine.name == "flower" else {"resume": args.resume}
-    metrics = run(cfg, out, progress=not args.quiet, **kwargs)
+    # the folder is named once it exists: a config or data error is found first, and nothing is written
+    metrics = run(cfg, out, progress=not args.quiet, announce=lambda p: print(f"run folder: {p}", flush=True),
+                  **kwargs)
     tr, sp = metrics["train"], metrics["sampling"]
     for who in ("server", "client"):
         rate = tr[who]["images_per_s"]

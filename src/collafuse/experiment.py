@@ -136,8 +136,10 @@ def _trainer(cfg: Config, spec: DataSpec | FederatedData, name: str, index: int)
                    device=resolve_device(cfg.engine.device), precision=tr.precision)
 
 
-def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[int]) -> Server:
-    """The server of an experiment, from the config and what it knows of the data (no images)."""
+def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[int],
+                 client_classes: dict[int, list[int]] | None = None) -> Server:
+    """The server of an experiment, from the config and what it knows of the data (no images): its shape and,
+    where the clients said so, each client's classes (the labels it may upload)."""
     split = Split(_schedule(cfg), cfg.split.t_zeta)
     cuts = client_cuts(cfg, client_ids)
     served = sorted({t for t in cuts.values() if t < cfg.split.T})
@@ -152,7 +154,7 @@ def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[i
     return Server(split, None, image_shape=(spec.channels, spec.image_size, spec.image_size),
                   num_classes=num_classes, num_attributes=num_attributes, client_ids=list(client_ids),
                   batch_size=tr.batch_size, epochs=tr.server_epochs, max_upload_images=max(tr.upload_size, 1),
-                  cuts=cuts, trainers=trainers, shared=shared)
+                  cuts=cuts, trainers=trainers, shared=shared, client_classes=client_classes)
 
 
 def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut: int) -> Client:
@@ -178,7 +180,7 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     ids = [c.cid for c in data.clients]
     cuts = client_cuts(cfg, ids)
     clients = [build_client(cfg, data, d, cuts[d.cid]) for d in data.clients]
-    server = build_server(cfg, data, ids)
+    server = build_server(cfg, data, ids, {c.cid: c.classes for c in data.clients})
     if cfg.train.aggregation == "fedavg":
         share_initial_weights(clients)
     return Experiment(cfg, data, server.split, server, clients)

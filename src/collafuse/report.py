@@ -133,8 +133,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
         lines.append(f"| client {i} | {_fmt(tr['client']['images_per_s_per_client'][i])} | {_fmt(loss)} |")
     pv = metrics.get("privacy")
     if pv:
-        lines += ["", f"Privacy against the server (upload policy `{pv['policy']}`): "
-                  + "; ".join(f"client {c}: {v['text']}" for c, v in pv["per_client"].items()) + "."]
+        lines += privacy_table(pv)
     la = metrics.get("label_agreement")
     if la:
         lines += ["", f"Label agreement (an SVM on pixels, {la['classifier_test_accuracy']:.1%} accurate on the "
@@ -154,6 +153,26 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
     lines += ["", "## Handover: server's x_t_zeta (upper row) and the client's result (lower row)", "",
               "![handover](samples/handover.png)", "", "## Loss", "", "![loss](plots/loss.png)", ""]
     write_text_atomic(run_dir / "report.md", "\n".join(lines))
+
+
+def privacy_table(pv: dict) -> list[str]:
+    """Each client's (epsilon, delta) against the server as Markdown lines: a table, not a sentence a client."""
+    lines = ["", f"Privacy against the server (upload policy `{pv['policy']}`; per image, for everything uploaded):",
+             "", "| client | policy | releases | noise multiplier | epsilon | delta | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c, v in pv["per_client"].items():
+        eps, releases = v["epsilon"], v["releases"]
+        if releases == 0:
+            verdict = "nothing released: no cost"
+        elif eps is None or math.isinf(eps):
+            verdict = "no guarantee: raw images sent (t_zeta = 0)"
+        elif v.get("vacuous"):
+            verdict = "vacuous: does not rule out reconstruction"
+        else:
+            verdict = "meaningful"
+        lines.append(f"| {c} | {pv['policy']} | {releases} | {_fmt(v['noise_multiplier'])} | {_fmt(eps)} | "
+                     f"{v['delta']:g} | {verdict} |")
+    return lines
 
 
 def _fmt(v: float | None) -> str:

@@ -160,9 +160,17 @@ def ddpm_loop(
     generator: torch.Generator | None = None,
     clip: float | None = None,
     progress: Callable[[int], None] | None = None,
+    stop: int | None = None,
 ) -> Tensor:
-    """Run every ancestral step of ``chain`` from x_end down to x_start."""
-    for t in range(chain.end, chain.start, -1):
+    """Run the ancestral steps of ``chain`` from x_end down to x_stop (default: x_start).
+
+    Only the step onto x_start itself is noise-free, so stopping above the start (the server's part of
+    the full chain) ends on a draw from the chain's marginal at ``stop``, not on its posterior mean.
+    """
+    stop = chain.start if stop is None else stop
+    if not chain.start <= stop <= chain.end:
+        raise ValueError(f"stop = {stop} is outside this chain's {chain.start}..{chain.end}")
+    for t in range(chain.end, stop, -1):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x = chain.ddpm_step(eps_fn(x, tt), x, t, generator=generator, clip=clip)
         if progress is not None:
@@ -207,17 +215,17 @@ def ddim_timesteps(hi: int, lo: int, steps: int) -> list[int]:
 
 
 def split_ddim_timesteps(T: int, t_zeta: int, steps: int) -> tuple[list[int], list[int]]:
-    """Share ``steps`` DDIM steps between server (T..t_zeta) and client (t_zeta..0).
+    """Share the ``steps`` evenly spaced DDIM timesteps between server (T..t_zeta) and client (t_zeta..0).
 
-    The server's sequence ends at exactly t_zeta and the client's starts there. Each side gets
-    steps in proportion to its share of the chain, at least one if it owns any timestep.
+    The server's sequence ends at exactly t_zeta and the client's starts there: t_zeta is added to the
+    unsplit sampler's timesteps, so no step of the split sampler is coarser than the unsplit one's (it costs
+    one network evaluation more when t_zeta is not already among them). Handing each side a share of
+    ``steps`` in proportion to its part of the chain instead gave the client 50 -> 25 -> 0 at t_zeta = 50 of
+    1000 where the unsplit sampler takes 20 -> 0, and a 15% larger covariance error in a small-variance
+    direction (tests/test_oracle.py).
     """
-    if t_zeta in (0, T):
-        full = ddim_timesteps(T, 0, steps)
-        return (full, [0]) if t_zeta == 0 else ([T], full)
-    n_server = min(max(1, round(steps * (T - t_zeta) / T)), max(1, steps - 1))
-    n_client = max(1, steps - n_server)
-    return ddim_timesteps(T, t_zeta, n_server), ddim_timesteps(t_zeta, 0, n_client)
+    full = ddim_timesteps(T, 0, steps)
+    return [t for t in full if t > t_zeta] + [t_zeta], [t_zeta] + [t for t in full if t < t_zeta]
 
 
 def ddim_loop(

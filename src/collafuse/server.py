@@ -35,7 +35,8 @@ class Server:
     def __init__(self, split: Split, trainer: Trainer | None, *, image_shape: tuple[int, int, int],
                  num_classes: int | None, client_ids: list[int], batch_size: int, epochs: int = 1,
                  max_upload_images: int = 4096, num_attributes: int = 0, cuts: dict[int, int] | None = None,
-                 trainers: dict[int, Trainer] | None = None, shared: bool = False) -> None:
+                 trainers: dict[int, Trainer] | None = None, shared: bool = False,
+                 client_classes: dict[int, list[int]] | None = None) -> None:
         self.split = split
         self.cuts = dict(cuts) if cuts else {cid: split.t_zeta for cid in client_ids}
         self.splits = {t: Split(split.schedule, t) for t in sorted(set(self.cuts.values()))}
@@ -53,6 +54,10 @@ class Server:
         self.epochs = epochs
         self.max_upload_images = max_upload_images
         self.rejected: list[tuple[int, int, str]] = []  # (client, round, reason)
+        # what each client may label its images with, where the server was told (the hello of the Flower engine)
+        self.client_classes = {c: set(v) for c, v in (client_classes or {}).items()}
+        self.round = 0  # the round the server is in: uploads of other rounds are refused
+        self._taken: dict[int, int] = {}  # images accepted from each client in this round
 
     @property
     def max_upload_bytes(self) -> int:
@@ -60,62 +65,103 @@ class Server:
         return self.max_upload_images * (math.prod(self.image_shape) * 4 + label)
 
     def validate(self, upload: object) -> Upload:
-        """Check an upload against the protocol; raise :class:`UploadRejected` with the reason."""
-        if not isinstance(upload, Upload):
-            raise UploadRejected(f"an upload must be an Upload, got {type(upload).__name__}")
-        who = f"upload from client {upload.client_id} (round {upload.round})"
-        if upload.client_id not in self.client_ids:
-            raise UploadRejected(f"{who}: unknown client id")
-        cut = self.cuts[upload.client_id]
-        if cut >= self.split.T:
-            raise UploadRejected(f"{who}: the client's cut is T = {cut}, so it is alone and sends nothing")
-        if upload.t_zeta != cut:
-            raise UploadRejected(f"{who}: made at t_zeta = {upload.t_zeta}, the client's cut is {cut}")
-        x = upload.x_t_zeta
-        if not torch.is_tensor(x):
-            raise UploadRejected(f"{who}: x_t_zeta must be a tensor, got {type(x).__name__}")
-        if x.dtype not in UPLOAD_DTYPES.values():
-            raise UploadRejected(f"{who}: dtype {x.dtype} is not allowed (float32 or float16)")
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise UploadRejected(f"{who}: shape {tuple(x.shape)} is not (n, {', '.join(map(str, self.image_shape))})")
-        n = x.shape[0]
-        if not 1 <= n <= self.max_upload_images:
-            raise UploadRejected(f"{who}: {n} images; between 1 and {self.max_upload_images} are allowed")
-        if upload.nbytes > self.max_upload_bytes:
-            raise UploadRejected(f"{who}: {upload.nbytes} bytes is over the limit of {self.max_upload_bytes}")
-        if not bool(torch.isfinite(x).all()):
-            raise UploadRejected(f"{who}: holds NaN or infinite values")
-        signal, noise = self.splits[cut].signal_noise_at_cut()
-        bound = signal + MAX_SIGMAS * noise
-        peak = float(x.abs().max())
-        if peak > bound:
-            raise UploadRejected(f"{who}: value {peak:.3g} is outside what a noised image at t_zeta can be "
-                                 f"(|x| <= {bound:.3g})")
-        y = upload.labels
+        """Check an upload against the protocol and the round the server is in; return it as plain tensors.
+
+        Every field is read once and every tensor copied to a plain, dense, contiguous CPU tensor before any
+        check, so that a tensor subclass, a view or a lazy attribute carries nothing past this point; what is
+        returned (never the object given) is what the server may train on. Raises :class:`UploadRejected`
+        with the reason, also for inputs that would make a check itself fail.
+        """
+        who = "upload"
+        try:
+            if not isinstance(upload, Upload):
+                raise UploadRejected(f"an upload must be an Upload, got {type(upload).__name__}")
+            cid, round_, t_zeta, x, y = (upload.client_id, upload.round, upload.t_zeta, upload.x_t_zeta,
+                                         upload.labels)
+            who = f"upload from client {_show(cid)} (round {_show(round_)})"
+            if not _is_int(cid) or cid not in self.client_ids:
+                raise UploadRejected(f"{who}: unknown client id (an int among {sorted(self.client_ids)})")
+            if not _is_int(round_) or round_ != self.round:
+                raise UploadRejected(f"{who}: the server is in round {self.round}")
+            cut = self.cuts[cid]
+            if cut >= self.split.T:
+                raise UploadRejected(f"{who}: the client's cut is T = {cut}, so it is alone and sends nothing")
+            if not _is_int(t_zeta) or t_zeta != cut:
+                raise UploadRejected(f"{who}: made at t_zeta = {_show(t_zeta)}, the client's cut is {cut}")
+            x = _plain(x, f"{who}: x_t_zeta")
+            if x.dtype not in UPLOAD_DTYPES.values():
+                raise UploadRejected(f"{who}: dtype {x.dtype} is not allowed (float32 or float16)")
+            if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+                want = ", ".join(map(str, self.image_shape))
+                raise UploadRejected(f"{who}: shape {tuple(x.shape)} is not (n, {want})")
+            n = x.shape[0]
+            if not 1 <= n <= self.max_upload_images:
+                raise UploadRejected(f"{who}: {n} images; between 1 and {self.max_upload_images} are allowed")
+            if not bool(torch.isfinite(x).all()):
+                raise UploadRejected(f"{who}: holds NaN or infinite values")
+            signal, noise = self.splits[cut].signal_noise_at_cut()
+            bound = signal + MAX_SIGMAS * noise
+            peak = float(x.abs().max())
+            if peak > bound:
+                raise UploadRejected(f"{who}: value {peak:.3g} is outside what a noised image at t_zeta can be "
+                                     f"(|x| <= {bound:.3g})")
+            y = self._check_labels(who, cid, n, y)
+            plain = Upload(cid, round_, t_zeta, x, y)
+            if plain.nbytes > self.max_upload_bytes:
+                raise UploadRejected(f"{who}: {plain.nbytes} bytes is over the limit of {self.max_upload_bytes}")
+            return plain
+        except UploadRejected:
+            raise
+        except Exception as exc:  # a check that could not even run on this input: a refusal, never a crash
+            raise UploadRejected(f"{who}: could not be checked ({type(exc).__name__}: {exc})") from exc
+
+    def _check_labels(self, who: str, cid: int, n: int, y: object) -> Tensor | None:
+        """The labels (or attribute vectors) of an upload, as a plain tensor, checked against what the client
+        may send."""
         if self.num_attributes:
             a = self.num_attributes
-            if not torch.is_tensor(y) or y.dtype != torch.float32 or tuple(y.shape) != (n, a):
+            y = _plain(y, f"{who}: attributes")
+            if y.dtype != torch.float32 or tuple(y.shape) != (n, a):
                 raise UploadRejected(f"{who}: attributes must be a float32 tensor of shape ({n}, {a})")
             if not bool(((y == 0) | (y == 1)).all()):
                 raise UploadRejected(f"{who}: attribute vectors must hold only 0 and 1")
-        elif self.num_classes is None:
+            return y
+        if self.num_classes is None:
             if y is not None:
                 raise UploadRejected(f"{who}: carries labels but the server is unconditional")
-        else:
-            if not torch.is_tensor(y) or y.dtype != torch.long or tuple(y.shape) != (n,):
-                raise UploadRejected(f"{who}: labels must be an int64 tensor of shape ({n},)")
-            if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise UploadRejected(f"{who}: labels outside 0..{self.num_classes - 1}")
-        return upload
+            return None
+        y = _plain(y, f"{who}: labels")
+        if y.dtype != torch.long or tuple(y.shape) != (n,):
+            raise UploadRejected(f"{who}: labels must be an int64 tensor of shape ({n},)")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise UploadRejected(f"{who}: labels outside 0..{self.num_classes - 1}")
+        own = self.client_classes.get(cid)
+        if own is not None:
+            foreign = sorted(set(y.unique().tolist()) - own)
+            if foreign:
+                raise UploadRejected(f"{who}: labels {foreign} are not among the client's classes {sorted(own)}")
+        return y
 
     def accept(self, uploads: list[object]) -> list[Upload]:
-        """Validate every upload; log and drop those the protocol does not allow."""
+        """Validate every upload; log and drop those the protocol does not allow.
+
+        Returns the accepted uploads as plain copies (train on these, not on what was given). A client may
+        send at most ``max_upload_images`` images per round, counted over every call of the round.
+        """
         good = []
         for up in uploads:
             try:
-                good.append(self.validate(up))
+                plain = self.validate(up)
+                cid, n = plain.client_id, len(plain.x_t_zeta)
+                taken = self._taken.get(cid, 0)
+                if taken + n > self.max_upload_images:
+                    raise UploadRejected(f"upload from client {cid} (round {self.round}): {n} more images would "
+                                         f"make {taken + n} this round; at most {self.max_upload_images} are allowed")
+                self._taken[cid] = taken + n
+                good.append(plain)
             except UploadRejected as exc:
-                self.reject(getattr(up, "client_id", -1), getattr(up, "round", -1), exc)
+                cid, round_ = getattr(up, "client_id", -1), getattr(up, "round", -1)
+                self.reject(cid if _is_int(cid) else -1, round_ if _is_int(round_) else -1, exc)
         return good
 
     def reject(self, cid: int, round_: int, why: UploadRejected) -> None:
@@ -129,8 +175,20 @@ class Server:
             return self.trainer if self.cuts[cid] < self.split.T else None
         return self.trainers.get(self.cuts[cid])
 
-    def train_round(self, uploads: list[Upload], round_: int = 0) -> dict[str, float]:
-        """Train on this round's accepted uploads: ``epochs`` passes in shuffled minibatches."""
+    def start_round(self, round_: int) -> None:
+        """Enter round ``round_`` (0-based): uploads of other rounds are refused from now on."""
+        self.round, self._taken = round_, {}
+
+    def train_round(self, uploads: list[Upload], round_: int | None = None) -> dict[str, float]:
+        """Train on this round's accepted uploads (``epochs`` passes in shuffled minibatches); the server is then
+        in the next round. ``round_`` defaults to the round the server is in."""
+        round_ = self.round if round_ is None else round_
+        try:
+            return self._train_round(uploads, round_)
+        finally:
+            self.start_round(round_ + 1)
+
+    def _train_round(self, uploads: list[Upload], round_: int) -> dict[str, float]:
         if not self.trainers or not uploads:
             return {"loss": float("nan"), "seconds": 0.0, "samples": 0}
         start = time.perf_counter()
@@ -190,3 +248,29 @@ def _tail_of_full(eps_full: EpsFn, chain: Chain) -> EpsFn:
         return e / chain.eps_to_full(torch.ones_like(e), t)
 
     return fn
+
+
+def _is_int(v: object) -> bool:
+    """An exact Python int: not a bool, a float, a tensor or a numpy number."""
+    return type(v) is int
+
+
+def _show(v: object) -> str:
+    """A short, safe rendering of a value from an upload for an error message."""
+    return repr(v) if _is_int(v) else f"<{type(v).__name__}>"
+
+
+def _plain(value: object, what: str) -> Tensor:
+    """A copy of ``value`` as a plain, dense, contiguous CPU tensor, or :class:`UploadRejected`."""
+    if not issubclass(type(value), Tensor):
+        raise UploadRejected(f"{what} must be a tensor, got {type(value).__name__}")
+    if type(value).__torch_dispatch__ is not Tensor.__torch_dispatch__:
+        raise UploadRejected(f"{what} is a {type(value).__name__}, a tensor subclass with its own dispatch")
+    with torch._C.DisableTorchFunctionSubclass():  # the subclass's own methods are not asked anything
+        t = value.as_subclass(Tensor)
+        if t.layout != torch.strided or t.is_meta or t.is_mkldnn or t.is_quantized or t.is_nested:
+            raise UploadRejected(f"{what} must be a dense tensor with data, got layout {t.layout} on {t.device}")
+        out = t.detach().to("cpu", copy=True).resolve_conj().resolve_neg().contiguous()
+    if type(out) is not Tensor:
+        raise UploadRejected(f"{what} is a {type(value).__name__}, which does not turn into a plain tensor")
+    return out

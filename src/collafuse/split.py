@@ -95,25 +95,33 @@ class Split:
         def eps_full(x: Tensor, t: Tensor) -> Tensor:
             return chain.eps_to_full(eps_fn(x, t), t)
 
-        return self._sample(0, chain, eps_fn, eps_full, x_T, sampler, steps, eta, generator, None, progress)
+        return self._sample(0, chain, eps_full, x_T, sampler, steps, eta, generator, None, progress)
 
     def client_sample(self, eps_fn: EpsFn, x_t_zeta: Tensor, sampler: str = "ddpm", steps: int = 1000,
                       eta: float = 0.0, generator: torch.Generator | None = None, clip: float | None = None,
                       progress: Callable[[int], None] | None = None) -> Tensor:
         """Finish the handover x_{t_zeta} down to x_0 with the client's denoiser."""
-        return self._sample(1, self.client_chain, eps_fn, eps_fn, x_t_zeta, sampler, steps, eta, generator, clip,
-                            progress)
+        return self._sample(1, self.client_chain, eps_fn, x_t_zeta, sampler, steps, eta, generator, clip, progress)
 
-    def _sample(self, side: int, chain: Chain, eps_fn: EpsFn, eps_full: EpsFn, x: Tensor, sampler: str, steps: int,
+    def _sample(self, side: int, chain: Chain, eps_full: EpsFn, x: Tensor, sampler: str, steps: int,
                 eta: float, generator: torch.Generator | None, clip: float | None,
                 progress: Callable[[int], None] | None) -> Tensor:
-        """DDPM in the chain's own coordinates; DDIM in the full chain's, on this side's timesteps."""
+        """Either sampler in the full chain's coordinates, on this side's timesteps.
+
+        The server's model predicts the tail chain's epsilon (its training target); ``eps_full`` converts it.
+        DDPM must not step in the tail chain's own coordinates: its reverse variance treats x_{t_zeta} as
+        sharp data and vanishes at the last server step, so the handover would come out too narrow
+        (variance ratio 0.95 at t_zeta = 200 of T = 1000 for data of variance 0.04, 0.76 at 48 of 97;
+        ``python -m benchmarks.handover``). In the full chain's coordinates the server's steps are the
+        unsplit sampler's steps T..t_zeta+1, so the split reproduces the unsplit sampler draw for draw.
+        """
         if sampler not in SAMPLERS:
             raise ConfigError(f"sample.sampler = {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}")
         if chain.steps == 0:
             return x
         if sampler == "ddpm":
-            return ddpm_loop(chain, eps_fn, x, generator=generator, clip=clip, progress=progress)
+            return ddpm_loop(self.schedule.chain(0, chain.end), eps_full, x, generator=generator, clip=clip,
+                             progress=progress, stop=chain.start)
         ts = split_ddim_timesteps(self.T, self.t_zeta, steps)[side]
         return ddim_loop(self.schedule, eps_full, x, ts, eta=eta, generator=generator, clip=clip, progress=progress)
 

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,11 +302,15 @@ def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] 
     return {"classifier_test_accuracy": clf.test_accuracy, "per_client": per}
 
 
-def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and sample one experiment into ``run_dir``; returns the metrics."""
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+        announce: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Train and sample one experiment into ``run_dir``; returns the metrics. ``announce`` is called with the
+    run folder once it exists (a bad config or data set fails before that, and nothing is written)."""
     run_dir = Path(run_dir)
     exp = build(cfg)  # data and config problems surface before anything is written
     prepare_run_dir(run_dir, cfg, resume)
+    if announce is not None:
+        announce(run_dir)
     if exp.data.partition is not None and not (run_dir / "partition.json").exists():
         write_text_atomic(run_dir / "partition.json", json.dumps(exp.data.partition))
     log.info(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))

@@ -195,7 +195,7 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
         "aggregation": exp.cfg.train.aggregation,
         "seed": exp.cfg.run.seed, "sampler": ev.sampler, "steps": ev.steps, "n_per_client": ev.n_per_client,
         "quality": quality,
-        "missing": _missing(feats),
+        "missing": _missing(feats, ev.inception),
         "disclosure": disclosure(exp, feats),
         "memorisation": memorisation(exp, samples),
         "sampling": {"server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
@@ -214,9 +214,11 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
     return result
 
 
-def _missing(feats: dict[str, Extractor]) -> list[str]:
+def _missing(feats: dict[str, Extractor], inception: str) -> list[str]:
     notes = []
-    if "fid" not in feats:
+    if "fid" not in feats and inception == "off":
+        notes.append("FID skipped: eval.inception = 'off' (set it to 'auto' to compute FID)")
+    elif "fid" not in feats:
         notes.append("FID skipped: no Inception file (pip install 'collafuse[fid]', or set eval.inception to a "
                      "TorchScript file)")
     if "fcd" not in feats:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,10 @@ class Federation:
             time.sleep(1.0)
 
 
-def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progress: bool = True) -> dict[str, Any]:
-    """Carry out one run over the nodes of ``grid``; writes the run folder and returns its metrics."""
+def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progress: bool = True,
+          announce: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Carry out one run over the nodes of ``grid``; writes the run folder and returns its metrics (``announce``
+    is called with the run folder once it exists)."""
     from tqdm.auto import tqdm
 
     check(cfg)
@@ -176,6 +179,8 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     prepare_run_dir(run_dir, cfg, resume=False)
+    if announce is not None:
+        announce(run_dir)
     n = expected_clients(cfg)
     cids = list(range(n))
     need = cfg.engine.min_clients or n
@@ -188,7 +193,7 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
                              f"{cfg.engine.wait_for_nodes:g} s (need {need}): start one SuperNode per client with "
                              f"--node-config 'partition-id=N'{why}")
     spec = _agreed_spec(fed.info)
-    server = build_server(cfg, spec, cids)
+    server = build_server(cfg, spec, cids, {cid: [int(c) for c in fed.info[cid]["classes"]] for cid in fed.info})
     tr = cfg.train
     start = time.perf_counter()
     history: list[dict[str, Any]] = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ def quiet_environment() -> None:
         os.environ.setdefault(k, v)
 
 
-def run(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train and sample one experiment with Flower's simulation runtime; returns the metrics."""
+def run(cfg: Config, run_dir: Path, *, progress: bool = True,
+        announce: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Train and sample one experiment with Flower's simulation runtime; returns the metrics (``announce`` is
+    called with the run folder once it exists)."""
     quiet_environment()
     try:
         from flwr.serverapp import ServerApp
@@ -49,7 +53,8 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     @server_app.main()
     def main(grid, context) -> None:  # noqa: ANN001 - Flower's types
         try:
-            result["metrics"] = serve(grid, cfg, run_dir, node_dir=str(run_dir / "models"), progress=progress)
+            result["metrics"] = serve(grid, cfg, run_dir, node_dir=str(run_dir / "models"), progress=progress,
+                                      announce=announce)
         except BaseException as exc:  # handed back to the caller below, not lost in Flower's log
             result["error"] = exc
 
@@ -62,7 +67,9 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     if not log.isEnabledFor(logging.DEBUG):  # Flower's own chatter (and its run_simulation deprecation notice)
         flwr_log.setLevel(logging.ERROR)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
+        with warnings.catch_warnings():  # Ray's tip about a default it will change, amid our progress bars
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
     if "error" in result:
