@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests: CI (CI=true, also exported by .ci/run) draws as many examples as ever; a local run fewer.
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # Two cores: parallel test workers or subprocesses must not fight over threads.
 torch.set_num_threads(int(os.environ.get("COLLAFUSE_TEST_THREADS", "1")))
@@ -29,6 +35,23 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """The command in this test's process: ``cli.main(args)`` run in ``cwd``, its output captured; returns a
+    CompletedProcess like :func:`run_cli`. The fast tier's way to check the CLI; run_cli crosses a real process
+    boundary and belongs to the slow tier."""
+    from collafuse import cli
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        rc = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), rc, out, err)
+
+    return run
 
 
 @pytest.fixture(autouse=True, scope="session")

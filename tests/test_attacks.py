@@ -68,6 +68,7 @@ def test_roc_auc_matches_sklearn() -> None:
     assert attacks.roc_auc(a, b) == pytest.approx(roc_auc_score(y, np.r_[a, b]), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_membership_inference_sees_an_overfit_server(digits_client) -> None:
     torch.manual_seed(0)
     split = Split(NoiseSchedule.linear(100), 0)  # the server is trained on the raw images: the worst case
@@ -84,6 +85,7 @@ def test_membership_inference_sees_an_overfit_server(digits_client) -> None:
     assert attacks.membership_inference(None, split, small, conditional=False) is None
 
 
+@pytest.mark.slow
 def test_target_epsilon_picks_the_smallest_cut_and_the_largest_clip() -> None:
     abar = NoiseSchedule.linear(1000).abar
     cut = choose_for_budget(abar, 1000, 200, 0.0, 64, 8.0, 1e-5, "cut")
@@ -105,6 +107,7 @@ def test_target_epsilon_errors_say_what_to_do(tmp_path: Path) -> None:
     assert r.returncode == 2 and "no cut meets it" in r.stderr and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_run_with_a_target_epsilon_uses_the_chosen_clip(tmp_path: Path) -> None:
     out = tmp_path / "run"
     r = run_cli("run", *sum((["--set", o] for o in TINY), []), "--set", "train.upload_policy=once",
@@ -118,6 +121,7 @@ def test_run_with_a_target_epsilon_uses_the_chosen_clip(tmp_path: Path) -> None:
         assert v["epsilon"] <= 5.0 and v["clip_norm"] == pytest.approx(cfg.train.clip_norm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per_cut", "shared"])
 def test_privacy_verb_on_a_run_with_per_client_cuts(tmp_path: Path, mode: str) -> None:
     out = tmp_path / "run"
@@ -144,6 +148,7 @@ def test_privacy_verb_on_a_run_with_per_client_cuts(tmp_path: Path, mode: str) -
     assert r.returncode == 2 and "--rounds" in r.stderr
 
 
+@pytest.mark.slow
 def test_privacy_study_writes_the_table_into_the_doc(tmp_path: Path) -> None:
     doc = tmp_path / "privacy.md"
     doc.write_text("# Privacy\n\n<!-- privacy-study:start -->\nold\n<!-- privacy-study:end -->\n\nafter\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytest  # noqa: E402
 from benchmarks.__main__ import bench_communication  # noqa: E402
 
 from collafuse import config  # noqa: E402
@@ -31,6 +32,7 @@ def test_client_cost_times_a_short_cut_more_often() -> None:
     assert rows[40]["share_of_alone"] == 1.0 and 0 < rows[2]["share_of_alone"] < 1
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_the_cifar_config_on_cifar_shaped_data(tmp_path) -> None:
     """The GPU script's own code path, on the CPU: real pickle batches, the real loader, train and sample."""
     import json
@@ -64,6 +66,7 @@ def test_the_diffusers_example_baseline_trains_from_its_own_data_loader() -> Non
     assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_gpu_script_compares_precisions_against_the_spread_of_seeds(tmp_path) -> None:
     import json
 
@@ -100,6 +103,7 @@ def test_ceiling_1x1_convolutions_as_matmuls_compute_the_same_function() -> None
         torch.testing.assert_close(net(x, t, class_labels=y).sample, before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ceiling_process_workers_start_together_and_report(tmp_path) -> None:
     """The two-process comparison's real subprocess path: workers warm up, start on one signal and time; the
     Python-threads row runs in this process and gives its thread count back."""
@@ -114,6 +118,7 @@ def test_ceiling_process_workers_start_together_and_report(tmp_path) -> None:
     assert len(rows) == 2 and "two 1-thread processes" in rows[0] and "two Python threads" in rows[1]
 
 
+@pytest.mark.slow
 def test_whole_rounds_run_with_and_without_client_workers() -> None:
     """The rounds benchmark drives the real engine: spawned workers train the clients, rows for each variant."""
     from benchmarks.__main__ import bench_rounds, render

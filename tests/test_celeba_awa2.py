@@ -199,6 +199,7 @@ def test_conditioning_on_attribute_vectors(tmp_path: Path) -> None:
         build(config.load(None, [*TINY, "model.condition=\"attributes\""]))  # the digits have none
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["celeba", "celeba-cpu", "awa2", "awa2-cpu", "cifar10", "cifar10-cpu"])
 def test_every_dataset_config_runs_from_the_command_line(tmp_path: Path, name: str) -> None:
     """`collafuse run configs/<dataset>.toml --set data.root=PATH` on files in the real format."""

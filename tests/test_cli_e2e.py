@@ -23,6 +23,7 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(run_dir: Path) -> None:
     for rel in ["config.toml", "metrics.json", "report.md", "plots/loss.png", "samples/handover.png",
                 "checkpoints/LATEST", "samples/client_0.png", "samples/client_1.png", "samples/client_2.png"]:
@@ -30,6 +31,7 @@ def test_run_writes_every_output(run_dir: Path) -> None:
     assert not list(run_dir.rglob(".*.tmp*")) and not [p for p in run_dir.rglob(".*") if p.name != "LATEST"]
 
 
+@pytest.mark.slow
 def test_resolved_config_loads_back(run_dir: Path) -> None:
     from collafuse import config
 
@@ -38,6 +40,7 @@ def test_resolved_config_loads_back(run_dir: Path) -> None:
     assert config.load(run_dir / "config.toml").split.T == 100
 
 
+@pytest.mark.slow
 def test_every_denoiser_loads_with_diffusers(run_dir: Path) -> None:
     import torch
     from diffusers import UNet2DModel
@@ -49,6 +52,7 @@ def test_every_denoiser_loads_with_diffusers(run_dir: Path) -> None:
             assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_metrics_report_throughput_and_sampling_time(run_dir: Path) -> None:
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["t_zeta"] == 20 and m["rounds"] == 4 and len(m["history"]) == 4
@@ -59,6 +63,7 @@ def test_metrics_report_throughput_and_sampling_time(run_dir: Path) -> None:
     assert m["rejected_uploads"] == 0
 
 
+@pytest.mark.slow
 def test_grids_are_enlarged_images(run_dir: Path) -> None:
     img = Image.open(run_dir / "samples" / "client_0.png")
     assert img.size[0] >= 2 * 64  # 4 samples in a 2x2 grid, each enlarged to 64 pixels
@@ -66,6 +71,7 @@ def test_grids_are_enlarged_images(run_dir: Path) -> None:
     assert ho.size[1] > img.size[1]  # two rows per client
 
 
+@pytest.mark.slow
 def test_sample_verb_writes_a_grid(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     res = run_cli("sample", str(run_dir), "--client", "1", "-n", "9", "--out", str(out), "--quiet", cwd=tmp_path)
@@ -75,11 +81,13 @@ def test_sample_verb_writes_a_grid(run_dir: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and "--client 7 does not exist" in res.stderr
 
 
+@pytest.mark.slow
 def test_rerun_into_the_same_folder_needs_resume(run_dir: Path, tmp_path: Path) -> None:
     res = run_cli("run", "--out", str(run_dir), cwd=tmp_path)
     assert res.returncode == 2 and "--resume" in res.stderr
 
 
+@pytest.mark.slow
 def test_label_agreement_is_reported(run_dir: Path) -> None:
     m = json.loads((run_dir / "metrics.json").read_text())
     la = m["label_agreement"]

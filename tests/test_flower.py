@@ -61,6 +61,7 @@ def assert_same_weights(a: Path, b: Path, model: str) -> None:
         assert torch.equal(wa[k], wb[k]), f"{model}.{k} differs"
 
 
+@pytest.mark.slow
 def test_flower_simulation_equals_local_engine(tmp_path):
     """Same config and seed: bit-identical weights, samples and losses (one thread on both sides, so that
     no reduction is split differently between threads)."""
@@ -88,6 +89,7 @@ def test_flower_simulation_equals_local_engine(tmp_path):
     assert (local / "again.png").read_bytes() == (flower / "again.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_malformed_upload_is_refused_and_leaves_the_server_untouched(tmp_path):
     """Client 1 sends NaN every round: each upload is refused with its reason, the run goes on, and the
     server's weights are exactly those of a run in which client 1 sends nothing at all."""
@@ -99,6 +101,49 @@ def test_a_malformed_upload_is_refused_and_leaves_the_server_untouched(tmp_path)
     assert m["rejected_uploads"] == 3 and m["rounds"] == 3
     assert all(r["client"] == 1 and "NaN" in r["reason"] for r in m["rejections"])
     assert_same_weights(flower, alone, "server")
+
+
+def serve_in_process(run: Path, overrides: list[str]) -> dict:
+    """The ServerApp's ``serve`` and the real ClientApp, over an in-process grid of three nodes."""
+    from collafuse.engines.flower.client_app import app as client_app
+    from collafuse.engines.flower.server_app import serve
+    from support import InProcessGrid
+
+    cfg = config.load(None, overrides)
+    with InProcessGrid(client_app, 3) as grid:
+        return serve(grid, cfg, run, node_dir=str(run / "models"), progress=False)
+
+
+def test_the_apps_over_an_in_process_grid_equal_the_local_engine(tmp_path):
+    """Fast twin of test_flower_simulation_equals_local_engine: the same ServerApp and ClientApp code, messages
+    delivered in this process; bit-identical weights, sample grids and losses to the local engine."""
+    from collafuse.engines import local
+
+    ml = local.run(config.load(None, FAST), tmp_path / "local", progress=False)
+    mf = serve_in_process(tmp_path / "flower", FAST)
+    for model in ("server", "client_0", "client_1", "client_2"):
+        assert_same_weights(tmp_path / "local", tmp_path / "flower", model)
+    for png in ("client_0.png", "client_1.png", "client_2.png", "handover.png"):
+        grids = [(tmp_path / run / "samples" / png).read_bytes() for run in ("local", "flower")]
+        assert grids[0] == grids[1], png
+    assert [h["server_loss"] for h in ml["history"]] == [h["server_loss"] for h in mf["history"]]
+    assert [h["client_loss"] for h in ml["history"]] == [h["client_loss"] for h in mf["history"]]
+    assert mf["engine"]["name"] == "flower" and mf["rejected_uploads"] == 0
+    assert mf["privacy"]["per_client"]["0"]["epsilon"] == pytest.approx(ml["privacy"]["per_client"]["0"]["epsilon"])
+    assert set(mf["label_agreement"]["per_client"]) == {"0", "1", "2"}
+
+
+def test_a_malformed_upload_over_an_in_process_grid_leaves_the_server_untouched(tmp_path, monkeypatch):
+    """Fast twin of test_a_malformed_upload_is_refused_and_leaves_the_server_untouched."""
+    from collafuse.engines import local
+
+    monkeypatch.setenv("COLLAFUSE_FAULT_UPLOAD", "1:nan")
+    m = serve_in_process(tmp_path / "flower", FAST)
+    monkeypatch.delenv("COLLAFUSE_FAULT_UPLOAD")
+    local.run(config.load(None, [*FAST, "split.client_cuts=[200, 1000, 200]"]), tmp_path / "alone", progress=False)
+    assert m["rejected_uploads"] == 3 and m["rounds"] == 3
+    assert all(r["client"] == 1 and "NaN" in r["reason"] for r in m["rejections"])
+    assert_same_weights(tmp_path / "flower", tmp_path / "alone", "server")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +183,7 @@ def test_the_server_refuses_each_kind_of_malformed_upload(digits_exp, kind, why)
     assert torch.equal(plain.x_t_zeta, good.x_t_zeta) and torch.equal(plain.labels, good.labels)
 
 
+@pytest.mark.slow
 def test_flwr_run_against_a_simulation_superlink(tmp_path):
     """`flwr run .` from the project root: the project is a Flower App; a simulation SuperLink runs it."""
     home = tmp_path / "flwr_home"
@@ -160,6 +206,7 @@ def test_flwr_run_against_a_simulation_superlink(tmp_path):
         procs.stop_all()
 
 
+@pytest.mark.slow
 def test_deployment_with_tls_and_node_authentication(tmp_path):
     """A SuperLink with TLS and SuperNode authentication, three registered SuperNodes (one per client, each
     its own process and port) and one unregistered SuperNode, which is refused. The run writes the same
@@ -201,6 +248,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         procs.stop_all()
 
 
+@pytest.mark.slow
 def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(tmp_path):
     """SuperNode 2 is killed (SIGKILL) during the run: the rounds go on with the other two
     (engine.min_clients = 2); restarted, it is greeted again and trains from its saved state."""
@@ -254,6 +302,7 @@ def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(t
         procs.stop_all()
 
 
+@pytest.mark.slow
 def test_flower_engine_errors_are_one_line(tmp_path):
     e = quiet_env(tmp_path / "flwr_home")
     for extra, msg in [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),

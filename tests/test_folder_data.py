@@ -54,6 +54,7 @@ def test_rgb_and_rgba_are_resized_and_centre_cropped(tmp_path: Path) -> None:
     assert float(data.clients[0].train_x.abs().max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_run_on_a_folder_through_the_cli(tmp_path: Path) -> None:
     root = write_digit_folder(tmp_path / "imgs")
     res = run_cli("run", *SETS, "--set", "data.name='folder'", "--set", f"data.root='{root}'",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -55,6 +55,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["round:3", "checkpoint:2", "sample:1"])
 def test_sigkill_then_resume_gives_the_uninterrupted_result(kill_at: str, uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -89,6 +90,7 @@ def _tagged_processes(tag: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 def test_sigkill_with_a_client_worker_leaves_no_worker_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """engine.workers = "auto" (two threads, 150 rounds): the command's main process is SIGKILLed after the
@@ -214,8 +216,7 @@ def malformed_uploads(draw) -> object:
     return draw(st.sampled_from([None, 3, "x", x, {"x_t_zeta": x}, x.numpy()]))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(malformed_uploads())
+@given(malformed_uploads())  # examples: the hypothesis profile of tests/conftest.py (300 in CI)
 def test_random_malformed_uploads_never_crash_or_touch_the_server(upload: object) -> None:
     _EXP.server.start_round(0)  # the round _GOOD was made in: a refusal is then for the malformation drawn
     with pytest.raises(UploadRejected):
@@ -274,13 +275,15 @@ def test_damaged_checkpoint_is_a_clear_error(damage: str, tmp_path: Path) -> Non
     (["--set", "data.clients=[[0, 1], [1, 2]]"], "repeats classes [1]"),
     (["--set", "split.beta_start=0.5", "--set", "split.beta_end=0.1"], "split.beta_end"),
 ])
-def test_user_errors_are_one_line_with_nothing_written(args: list[str], words: str, tmp_path: Path) -> None:
-    res = run_cli("run", *SETS, *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
+def test_user_errors_are_one_line_with_nothing_written(args: list[str], words: str, tmp_path: Path, run_main
+                                                      ) -> None:
+    res = run_main("run", *SETS, *args, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and words in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

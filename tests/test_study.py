@@ -30,6 +30,7 @@ def sweep_dir(tmp_path_factory) -> Path:
     return tmp / "s"
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_setting_and_seed_with_one_budget(sweep_dir: Path) -> None:
     settings = {"cut_0000", "cut_0020", "cut_0100", "fedavg"}
     assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} >= settings
@@ -48,6 +49,7 @@ def test_sweep_runs_every_setting_and_seed_with_one_budget(sweep_dir: Path) -> N
     assert a["quality"]["domain_fid"]["pooled"]["frechet"] != b["quality"]["domain_fid"]["pooled"]["frechet"]
 
 
+@pytest.mark.slow
 def test_disclosure_grows_as_the_cut_moves_towards_the_data(sweep_dir: Path) -> None:
     ev = {s: json.loads((sweep_dir / s / "seed_0" / "eval.json").read_text()) for s in ("cut_0000", "cut_0020")}
     assert ev["cut_0000"]["disclosure"]["reconstruction"]["psnr"] == float("inf")  # x_0 itself is sent
@@ -60,6 +62,7 @@ def test_disclosure_grows_as_the_cut_moves_towards_the_data(sweep_dir: Path) -> 
     assert ev["cut_0000"]["sampling"]["client_share_of_evals"] == 0.0
 
 
+@pytest.mark.slow
 def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path: Path) -> None:
     text = (sweep_dir / "report.md").read_text()
     for png in ("quality.png", "compute.png", "disclosure.png", "samples.png"):
@@ -72,6 +75,7 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
     assert (tmp_path / "r" / "report.md").exists() and (tmp_path / "r" / "plots" / "quality.png").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_sweep_is_not_redone(sweep_dir: Path) -> None:
     marker = sweep_dir / "cut_0020" / "seed_0" / "eval.json"
     before = marker.stat().st_mtime_ns
@@ -84,6 +88,7 @@ def test_a_finished_sweep_is_not_redone(sweep_dir: Path) -> None:
     assert other.returncode == 2 and "other settings" in other.stderr
 
 
+@pytest.mark.slow
 def test_eval_verb_prints_a_table_and_writes_eval_json(sweep_dir: Path) -> None:
     run = sweep_dir / "cut_0020" / "seed_0"
     res = run_cli("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=sweep_dir)
@@ -94,6 +99,7 @@ def test_eval_verb_prints_a_table_and_writes_eval_json(sweep_dir: Path) -> None:
     assert bad.returncode == 2 and "only eval.* keys" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: Path) -> None:
     from test_features import _tiny_clip
 
@@ -114,8 +120,8 @@ def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: P
     (["report", "."], "not a sweep folder"),
     (["eval", "."], "not a run folder"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    res = run_cli(*args, cwd=tmp_path)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str, run_main) -> None:
+    res = run_main(*args, cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing half-made
@@ -172,3 +178,24 @@ def test_a_study_made_before_new_config_keys_still_continues(tmp_path) -> None:
     changed["train"]["rounds"] = 5
     with pytest.raises(CollafuseError, match="config differs"):
         check_meta(path, {"config": changed, "cuts": [0, 100]}, ("config", "cuts"))
+
+
+def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) -> None:
+    """Fast twin of the sweep tests above: the same study, evaluation and report code in this process."""
+    from collafuse.study import report, sweep
+
+    out = sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, workers=1, out=tmp_path / "s", progress=False)
+    run = out / "cut_0020" / "seed_0"
+    cfg = config.load(run / "config.toml")
+    assert cfg.split.t_zeta == 20 and cfg.train.rounds == 4 and cfg.run.seed == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["t_zeta"] == 20 and "domain_fid" in ev["quality"]
+    assert ev["disclosure"]["reconstruction"]["psnr"] > ev["disclosure"]["reconstruction"]["psnr_blind"]
+    before = (run / "eval.json").stat().st_mtime_ns
+    sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, workers=1, out=out, progress=False)
+    assert (run / "eval.json").stat().st_mtime_ns == before  # finished runs are not redone
+    text = report(out).read_text()
+    assert "FID skipped" in text and (out / "plots" / "quality.png").stat().st_size > 5000
+    res = run_main("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0 and "disclosure at t_zeta = 20" in res.stdout
+    assert json.loads((run / "eval.json").read_text())["n_per_client"] == 8
