@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -143,15 +144,13 @@ def test_non_finite_loss_names_the_model_and_round_and_keeps_the_checkpoint(tmp_
     assert checkpoint.load(ck, fresh)[0] == 2  # the last good checkpoint loads
 
 
-def _server():
+@functools.cache
+def _server() -> tuple:
+    """One experiment for every drawn example (built when first asked, not when the module is imported): the
+    experiment, a good upload, and the server's weights and random state before any example."""
     exp = build(config.load(None, TINY))
-    good = exp.clients[0].make_upload(0)
-    return exp, good
-
-
-_EXP, _GOOD = _server()
-_BEFORE = [p.detach().clone() for p in _EXP.server.trainer.model.parameters()]
-_BEFORE_RNG = _EXP.server.trainer.generator.get_state()
+    before = [p.detach().clone() for p in exp.server.trainer.model.parameters()]
+    return exp, exp.clients[0].make_upload(0), before, exp.server.trainer.generator.get_state()
 
 shapes = st.lists(st.integers(0, 12), min_size=0, max_size=5).map(tuple)
 dtypes = st.sampled_from([torch.float16, torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool,
@@ -164,8 +163,9 @@ def malformed_uploads(draw) -> object:
     """An upload wrong in at least one way the protocol forbids."""
     kind = draw(st.sampled_from(["shape", "dtype", "special", "labels", "client", "cut", "count", "type", "round",
                                  "loose", "subclass", "view", "container", "layout"]))
-    x, y = _GOOD.x_t_zeta.clone(), _GOOD.labels.clone()
-    up = dataclasses.replace(_GOOD, x_t_zeta=x, labels=y)
+    good = _server()[1]
+    x, y = good.x_t_zeta.clone(), good.labels.clone()
+    up = dataclasses.replace(good, x_t_zeta=x, labels=y)
     if kind == "shape":
         shape = draw(shapes.filter(lambda s: len(s) != 4 or s[1:] != (1, 8, 8) or s[0] == 0))
         return dataclasses.replace(up, x_t_zeta=torch.zeros(shape), labels=torch.zeros(shape[:1], dtype=torch.long))
@@ -218,15 +218,16 @@ def malformed_uploads(draw) -> object:
 
 @given(malformed_uploads())  # examples: the hypothesis profile of tests/conftest.py (300 in CI)
 def test_random_malformed_uploads_never_crash_or_touch_the_server(upload: object) -> None:
-    _EXP.server.start_round(0)  # the round _GOOD was made in: a refusal is then for the malformation drawn
+    exp, _, before, before_rng = _server()
+    exp.server.start_round(0)  # the round the good upload was made in: a refusal is then for the malformation drawn
     with pytest.raises(UploadRejected):
-        _EXP.server.validate(upload)
-    accepted = _EXP.server.accept([upload])
+        exp.server.validate(upload)
+    accepted = exp.server.accept([upload])
     assert accepted == []
-    _EXP.server.train_round(accepted)
-    after = _EXP.server.trainer.state()
-    assert torch.equal(after["rng"], _BEFORE_RNG) and after["steps"] == 0
-    for a, b in zip(_BEFORE, _EXP.server.trainer.model.parameters(), strict=True):
+    exp.server.train_round(accepted)
+    after = exp.server.trainer.state()
+    assert torch.equal(after["rng"], before_rng) and after["steps"] == 0
+    for a, b in zip(before, exp.server.trainer.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
