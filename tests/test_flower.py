@@ -69,6 +69,7 @@ def test_flower_simulation_equals_local_engine(tmp_path):
     collafuse(["run", "--quiet", "--out", str(local), *sets(FAST)], tmp_path)
     r = collafuse(["run", "--engine", "flower", "--quiet", "--out", str(flower), *sets(FAST)], tmp_path)
     assert "done:" in r.stdout
+    assert "Tip: In future versions of Ray" not in r.stderr  # Ray's FutureWarning is ours to silence (issue 18)
     for model in ("server", "client_0", "client_1", "client_2"):
         assert_same_weights(local, flower, model)
     for png in ("client_0.png", "client_1.png", "client_2.png", "handover.png"):
