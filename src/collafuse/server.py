@@ -88,7 +88,9 @@ class Server:
                 raise UploadRejected(f"{who}: the client's cut is T = {cut}, so it is alone and sends nothing")
             if not _is_int(t_zeta) or t_zeta != cut:
                 raise UploadRejected(f"{who}: made at t_zeta = {_show(t_zeta)}, the client's cut is {cut}")
-            x = _plain(x, f"{who}: x_t_zeta")
+            most = self.max_upload_images
+            x = _plain(x, f"{who}: x_t_zeta", most * math.prod(self.image_shape),
+                       f"{who}: more values than {most} images; between 1 and {most} images are allowed")
             if x.dtype not in UPLOAD_DTYPES.values():
                 raise UploadRejected(f"{who}: dtype {x.dtype} is not allowed (float32 or float16)")
             if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -120,7 +122,7 @@ class Server:
         may send."""
         if self.num_attributes:
             a = self.num_attributes
-            y = _plain(y, f"{who}: attributes")
+            y = _plain(y, f"{who}: attributes", n * a)
             if y.dtype != torch.float32 or tuple(y.shape) != (n, a):
                 raise UploadRejected(f"{who}: attributes must be a float32 tensor of shape ({n}, {a})")
             if not bool(((y == 0) | (y == 1)).all()):
@@ -130,7 +132,7 @@ class Server:
             if y is not None:
                 raise UploadRejected(f"{who}: carries labels but the server is unconditional")
             return None
-        y = _plain(y, f"{who}: labels")
+        y = _plain(y, f"{who}: labels", n)
         if y.dtype != torch.long or tuple(y.shape) != (n,):
             raise UploadRejected(f"{who}: labels must be an int64 tensor of shape ({n},)")
         if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
@@ -260,8 +262,9 @@ def _show(v: object) -> str:
     return repr(v) if _is_int(v) else f"<{type(v).__name__}>"
 
 
-def _plain(value: object, what: str) -> Tensor:
-    """A copy of ``value`` as a plain, dense, contiguous CPU tensor, or :class:`UploadRejected`."""
+def _plain(value: object, what: str, limit: int, too_big: str = "") -> Tensor:
+    """A copy of ``value`` as a plain, dense, contiguous CPU tensor of at most ``limit`` elements (checked before
+    anything is copied, so that an oversized upload costs no memory), or :class:`UploadRejected`."""
     if not issubclass(type(value), Tensor):
         raise UploadRejected(f"{what} must be a tensor, got {type(value).__name__}")
     if type(value).__torch_dispatch__ is not Tensor.__torch_dispatch__:
@@ -270,6 +273,8 @@ def _plain(value: object, what: str) -> Tensor:
         t = value.as_subclass(Tensor)
         if t.layout != torch.strided or t.is_meta or t.is_mkldnn or t.is_quantized or t.is_nested:
             raise UploadRejected(f"{what} must be a dense tensor with data, got layout {t.layout} on {t.device}")
+        if t.numel() > limit:
+            raise UploadRejected(too_big or f"{what}: {t.numel()} values; at most {limit} are allowed")
         out = t.detach().to("cpu", copy=True).resolve_conj().resolve_neg().contiguous()
     if type(out) is not Tensor:
         raise UploadRejected(f"{what} is a {type(value).__name__}, which does not turn into a plain tensor")
