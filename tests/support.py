@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import torch
 
 
@@ -68,3 +73,34 @@ class InProcessGrid:
             except Exception as exc:  # a SuperNode reports a failing ClientApp as an error reply
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
         return replies
+
+
+def tagged_processes(tag: str) -> dict[int, str]:
+    """Running processes whose environment holds COLLAFUSE_TEST_TAG=tag (a command the test started and all
+    its descendants, which inherit the environment), with their command lines. Linux (/proc) only; a zombie's
+    environment reads empty, so only processes still running are found."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"COLLAFUSE_TEST_TAG={tag}\0".encode() in (d / "environ").read_bytes() + b"\0":
+                found[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours
+            pass
+    return found
+
+
+def wait_until_gone(tag: str, timeout: float) -> dict[int, str]:
+    """Wait up to ``timeout`` seconds for every process tagged ``tag`` to end; those still running."""
+    deadline = time.monotonic() + timeout
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL whatever a failed test left running."""
+    for pid in tagged_processes(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -32,6 +32,7 @@ from collafuse.engines.flower.protocol import decode_upload, encode_upload
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
 from flower_support import make_certificates, make_node_key
+from support import kill_tagged, tagged_processes, wait_until_gone
 
 BIN = Path(sys.executable).parent
 # small and quick, one thread everywhere so that the engines can be compared bit for bit
@@ -315,3 +316,86 @@ def test_flower_engine_errors_are_one_line(tmp_path):
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
+
+
+# A stand-in for a test process (or a user's script) that starts a deployment with the launch helper and is
+# then SIGKILLed in the middle of the run: no clean-up of its own runs.
+_STARTER = """
+import sys, time
+from pathlib import Path
+from collafuse.engines.flower.launch import (PROJECT, Processes, free_port, quiet_env, run_config, superlink_args,
+                                             supernode_args, wait_http, write_connection)
+tmp = Path(sys.argv[1])
+env = quiet_env(tmp / "flwr_home")
+port = free_port()
+write_connection(tmp / "flwr_home", port)
+procs = Processes(tmp)
+procs.start("superlink", superlink_args(port), env)
+wait_http(f"http://127.0.0.1:{port}/health")
+for i in range(3):
+    procs.start(f"node{i}", supernode_args(port, i), env)
+out = tmp / "run"
+procs.start("flwr_run", ["flwr", "run", ".", "test", "--stream", "-c",
+                         run_config(out, ["train.rounds=500"], out / "models")], env, cwd=PROJECT)
+time.sleep(3600)  # killed here, once the apps run
+"""
+
+
+def _sigkill_when(cmd: list[str], tag: str, ready, env: dict[str, str], timeout: float = 600) -> dict[int, str]:
+    """Start ``cmd`` tagged ``tag``; once ``ready(processes)`` holds for its running descendants, SIGKILL it
+    (only it); returns the descendants that were running just before."""
+    proc = subprocess.Popen(cmd, env={**env, "COLLAFUSE_TEST_TAG": tag}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready(before := {p: c for p, c in tagged_processes(tag).items() if p != proc.pid}):
+        assert proc.poll() is None, f"{cmd[:3]} ended early: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"not ready within {timeout:g} s: {sorted(before.values())}"
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    return before
+
+
+def _has(procs: dict[int, str], *names: str) -> bool:
+    return all(any(n in c for c in procs.values()) for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_deployment_ends_when_the_process_that_started_it_is_sigkilled(tmp_path):
+    """A script starts a SuperLink, three SuperNodes and `flwr run` with the launch helper, and is SIGKILLed
+    mid-run: the SuperLink, the SuperNodes, their SuperExecs and app processes and `flwr run` all end (each
+    SuperNode is in a process group of its own, and its app processes are grandchildren of the script)."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    try:
+        before = _sigkill_when([sys.executable, "-c", _STARTER, str(tmp_path)], tag,
+                               lambda p: _has(p, "flower-superlink", "flower-supernode", "flower-superexec",
+                                              "flwr-serverapp", "flwr-clientapp", "flwr run"),
+                               quiet_env(tmp_path / "flwr_home"))
+        assert len([c for c in before.values() if "flower-supernode" in c]) == 3, before
+        left = wait_until_gone(tag, 60)
+        assert left == {}, f"outlived the SIGKILLed starter: {sorted(left.values())}"
+    finally:
+        kill_tagged(tag)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_ray_ends_when_collafuse_run_engine_flower_is_sigkilled(tmp_path):
+    """`collafuse run --engine flower` is SIGKILLed once Ray's workers train: Ray's daemons (which leave the
+    command's process group) and its workers all end."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    cmd = [str(BIN / "collafuse"), "run", "--engine", "flower", "--quiet", "--out", str(tmp_path / "run"),
+           "--set", "train.rounds=500"]
+    try:
+        before = _sigkill_when(cmd, tag, lambda p: _has(p, "raylet", "gcs_server", "ray::ClientAppActor"),
+                               quiet_env(tmp_path / "flwr_home"))
+        left = wait_until_gone(tag, 60)
+        assert left == {}, f"outlived the SIGKILLed command ({len(before)} were running): {sorted(left.values())}"
+    finally:
+        kill_tagged(tag)

@@ -24,7 +24,7 @@ from collafuse.errors import CheckpointError, UploadRejected
 from collafuse.experiment import build
 from collafuse.training import NonFiniteLoss
 from conftest import TINY, run_cli
-from support import FakeFinite
+from support import FakeFinite, wait_until_gone
 
 SETS = [a for o in TINY for a in ("--set", o)]
 
@@ -79,25 +79,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(kill_at: str, uninte
     assert [h["client_loss"] for h in h_ref] == [h["client_loss"] for h in h_got]
 
 
-def _tagged_processes(tag: str) -> list[int]:
-    """Processes whose environment holds COLLAFUSE_TEST_TAG=tag (a run's main process and its workers)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and f"COLLAFUSE_TEST_TAG={tag}".encode() in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:  # gone, or not ours
-            pass
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 def test_sigkill_with_a_client_worker_leaves_no_worker_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """engine.workers = "auto" (two threads, 150 rounds): the command's main process is SIGKILLed after the
     worker has taken the clients over; the worker sees its pipe close and exits, and --resume, with 50 rounds
     left (fewer than "auto" asks for: it decides on train.rounds), ends where the uninterrupted run ended."""
-    import time
     import uuid
 
     extra = ("--set", "engine.threads=2", "--set", "train.rounds=150", "--set", "train.checkpoint_every=50")
@@ -111,10 +98,7 @@ def test_sigkill_with_a_client_worker_leaves_no_worker_and_resumes_to_the_same_w
     assert res.returncode == -signal.SIGKILL
     before = json.loads((checkpoint.latest(out) / "state.json").read_text())
     assert before["round"] == 100 and before["history"][-1]["workers"] == 1, "the worker had not started in time"
-    deadline = time.monotonic() + 60
-    while _tagged_processes(tag) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _tagged_processes(tag) == [], "a client worker outlived its killed main process"
+    assert wait_until_gone(tag, 60) == {}, "a client worker outlived its killed main process"
     res = _run(out, *extra, "--resume")
     assert res.returncode == 0, res.stderr
     a, b = _final_state(ref), _final_state(out)

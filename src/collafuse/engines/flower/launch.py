@@ -2,6 +2,8 @@
 
 The tests and the benchmark use it to run a real deployment on localhost; every process gets
 ``FLWR_HOME`` in a folder of the caller's, telemetry and update checks off, and its output in a file.
+A :class:`~collafuse.engines.lifeline.Lifeline` ends every process started here, and everything those
+started, when the caller dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..lifeline import Lifeline
 from .simulation import QUIET_ENV
 
 BIN = Path(sys.executable).parent
@@ -42,16 +45,21 @@ def quiet_env(flwr_home: Path, **extra: str) -> dict[str, str]:
 
 
 class Processes:
-    """Processes started with their output in ``folder/<name>.log``, each in its own process group."""
+    """Processes started with their output in ``folder/<name>.log``, each in its own process group, all
+    ended with their descendants by :meth:`stop_all` or, if this process dies first, by a lifeline."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.procs: dict[str, subprocess.Popen] = {}
+        self._lifeline: Lifeline | None = None
 
     def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        if self._lifeline is None:
+            self._lifeline = Lifeline()
         with open(self.folder / f"{name}.log", "ab") as log:
-            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                 cwd=cwd or self.folder, start_new_session=True)
+            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                 env=self._lifeline.env(env), cwd=cwd or self.folder, start_new_session=True)
+        self._lifeline.watch_group(p.pid)
         self.procs[name] = p
         return p
 
@@ -72,13 +80,19 @@ class Processes:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self._lifeline is not None:
+            self._lifeline.forget_group(p.pid)
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL), then anything they started that outlived them."""
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     def __enter__(self) -> Processes:
         return self

@@ -2,6 +2,8 @@
 
 One virtual SuperNode per client, each a Ray worker with one CPU and one thread; the ServerApp runs
 in this process. Clients keep their state in ``RUN_DIR/models/client_<id>`` (they share this machine).
+Ray's processes carry a lifeline's tag: they end when the run ends, or when this process dies, even by
+SIGKILL (Ray's daemons leave this process's group, so a parent-death signal alone would not reach them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ...config import Config
 from ...errors import CollafuseError
+from ..lifeline import TAG, Lifeline
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +69,16 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True,
     level = flwr_log.level
     if not log.isEnabledFor(logging.DEBUG):  # Flower's own chatter (and its run_simulation deprecation notice)
         flwr_log.setLevel(logging.ERROR)
+    lifeline = Lifeline()
+    os.environ[TAG] = lifeline.tag  # Ray starts its daemons and workers with this process's environment
     try:
         with warnings.catch_warnings():  # Ray's tip about a default it will change, amid our progress bars
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
+        os.environ.pop(TAG, None)
+        lifeline.close()  # whatever Ray left running
     if "error" in result:
         raise result["error"]
     if "metrics" not in result:

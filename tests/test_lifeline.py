@@ -1,0 +1,124 @@
+"""The lifeline ends what a process started when that process ends, even by SIGKILL (issue 19): process
+groups it was told of, and grandchildren that left the group but carry its tag."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from collafuse.engines import lifeline
+from collafuse.engines.lifeline import Lifeline
+from support import kill_tagged, tagged_processes, wait_until_gone
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+
+# a group leader that ignores SIGTERM (so only SIGKILL ends it), with a child in its group and a grandchild
+# that leaves the group (setsid), as Ray's daemons and Flower's SuperExecs do
+FAMILY = "setsid sleep 300 & sleep 300 & trap '' TERM; echo started; while :; do sleep 0.1; done"
+
+
+def _family(env: dict[str, str]) -> subprocess.Popen:
+    p = subprocess.Popen(["bash", "-c", FAMILY], env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "started\n"
+    return p
+
+
+def _sleepers(tag: str) -> dict[int, str]:
+    """The family's two sleepers once both run (the shell forks them before they exec sleep), within 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        running = tagged_processes(tag)
+        if sum(c == "sleep 300 " for c in running.values()) == 2 or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)
+
+
+def _count_sleepers(running: dict[int, str]) -> int:
+    return sum(c == "sleep 300 " for c in running.values())
+
+
+def test_close_ends_a_group_it_was_told_of():
+    """No tag in the family's environment: the group alone is what the watchdog knows (so the grandchild that
+    left the group survives, as it would on a system without /proc)."""
+    tag = uuid.uuid4().hex
+    try:
+        line = Lifeline(grace_s=0.3)
+        p = _family({**os.environ, "COLLAFUSE_TEST_TAG": tag})
+        line.watch_group(p.pid)
+        running = _sleepers(tag)
+        assert _count_sleepers(running) == 2
+        line.close()
+        assert p.wait(timeout=5) == -9  # it ignored SIGTERM: SIGKILL after the grace period
+        left = wait_until_gone(tag, 1)
+        assert list(left.values()) == ["sleep 300 "] and os.getsid(next(iter(left))) != p.pid
+        assert line.proc.returncode == 0
+    finally:
+        kill_tagged(tag)
+
+
+def test_close_ends_every_tagged_process_in_any_group():
+    tag = uuid.uuid4().hex
+    try:
+        line = Lifeline(grace_s=0.3)
+        p = _family(line.env({**os.environ, "COLLAFUSE_TEST_TAG": tag}))
+        assert _count_sleepers(_sleepers(tag)) == 2
+        line.close()
+        assert p.wait(timeout=5) == -9
+        assert wait_until_gone(tag, 5) == {}
+    finally:
+        kill_tagged(tag)
+
+
+def test_a_forgotten_group_is_left_alone():
+    """Once a group is stopped and forgotten its number may be reused: the watchdog must not signal it."""
+    tag = uuid.uuid4().hex
+    try:
+        line = Lifeline(grace_s=0.3)
+        p = subprocess.Popen(["sleep", "300"], env={**os.environ, "COLLAFUSE_TEST_TAG": tag}, start_new_session=True)
+        line.watch_group(p.pid)
+        line.forget_group(p.pid)
+        line.close()
+        assert p.poll() is None and len(tagged_processes(tag)) == 1
+    finally:
+        kill_tagged(tag)
+
+
+STARTER = """
+import importlib.util, os, subprocess, sys
+spec = importlib.util.spec_from_file_location("lifeline", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+line = mod.Lifeline(grace_s=0.3)
+p = subprocess.Popen(["bash", "-c", sys.argv[2]], env=line.env(), start_new_session=True, stdout=subprocess.PIPE,
+                     text=True)
+line.watch_group(p.pid)
+assert p.stdout.readline() == "started\\n"
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_sigkilled_starter_leaves_nothing_running():
+    """The starter (a separate process, as a user's script or a test) is SIGKILLed: no clean-up of its own
+    runs, yet its group and the grandchild that left it end."""
+    tag = uuid.uuid4().hex
+    starter = subprocess.Popen([sys.executable, "-I", "-c", STARTER, lifeline.__file__, FAMILY],
+                               env={**os.environ, "COLLAFUSE_TEST_TAG": tag}, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout.readline() == "ready\n"
+        running = _sleepers(tag)
+        assert _count_sleepers(running) == 2 and starter.pid in running
+    finally:
+        starter.kill()
+        starter.wait()
+    try:
+        assert wait_until_gone(tag, 10) == {}
+    finally:
+        kill_tagged(tag)
