@@ -58,3 +58,15 @@ def run_main(capsys, monkeypatch):
 def _private_cache(tmp_path_factory) -> None:
     """Feature and classifier caches go to a temporary folder, never the user's cache."""
     os.environ["COLLAFUSE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _lifeline():
+    """Every process a test starts carries this session's lifeline tag (children inherit the environment), so
+    a pytest that is killed (a CI time limit, a Ctrl-C twice, SIGKILL) leaves none of them running."""
+    from collafuse.engines.lifeline import TAG, Lifeline
+
+    with Lifeline() as line:
+        os.environ[TAG] = line.tag
+        yield
+        os.environ.pop(TAG, None)

@@ -122,3 +122,30 @@ def test_a_sigkilled_starter_leaves_nothing_running():
         assert wait_until_gone(tag, 10) == {}
     finally:
         kill_tagged(tag)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_pytest_leaves_none_of_its_tests_processes(tmp_path):
+    """The test session's lifeline (conftest.py): a test starts a process the way tests do (a plain Popen, no
+    process group) and pytest is SIGKILLed, as a CI time limit does; the process ends too."""
+    (tmp_path / "test_started.py").write_text(
+        "import subprocess, time\n\n\ndef test_starts_a_process():\n"
+        "    subprocess.Popen(['sleep', '300'])\n    time.sleep(300)\n")
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "COLLAFUSE_TEST_TAG": tag, "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop(lifeline.TAG, None)  # the inner pytest makes its own
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                              str(tmp_path / "test_started.py")], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "sleep 300 " not in tagged_processes(tag).values():
+            assert inner.poll() is None and time.monotonic() < deadline, "the inner test did not start its process"
+            time.sleep(0.2)
+    finally:
+        inner.kill()
+        inner.wait()
+    try:
+        assert wait_until_gone(tag, 30) == {}
+    finally:
+        kill_tagged(tag)

@@ -35,7 +35,7 @@ class Lifeline:
     def __init__(self, grace_s: float = GRACE_S) -> None:
         self.tag = secrets.token_hex(8)
         read, self._write = os.pipe()  # not inheritable: no other child holds the write end
-        env = {k: v for k, v in os.environ.items() if k != TAG}  # the watchdog must not match its own tag
+        env = {k: v for k, v in os.environ.items() if k != TAG}  # the watchdog must not end itself
         try:
             # -I: the standard library only, whatever the environment or the current folder holds
             self.proc = subprocess.Popen([sys.executable, "-I", __file__, self.tag, str(grace_s)], stdin=read, env=env,

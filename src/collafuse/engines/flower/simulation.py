@@ -70,6 +70,7 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True,
     if not log.isEnabledFor(logging.DEBUG):  # Flower's own chatter (and its run_simulation deprecation notice)
         flwr_log.setLevel(logging.ERROR)
     lifeline = Lifeline()
+    outer = os.environ.get(TAG)  # a tag of the caller's (the test session's lifeline), put back afterwards
     os.environ[TAG] = lifeline.tag  # Ray starts its daemons and workers with this process's environment
     try:
         with warnings.catch_warnings():  # Ray's tip about a default it will change, amid our progress bars
@@ -77,7 +78,10 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True,
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
-        os.environ.pop(TAG, None)
+        if outer is None:
+            os.environ.pop(TAG, None)
+        else:
+            os.environ[TAG] = outer
         lifeline.close()  # whatever Ray left running
     if "error" in result:
         raise result["error"]
