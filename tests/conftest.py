@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from support import TINY
 
 # Property tests: CI (CI=true, also exported by .ci/run) draws as many examples as ever; a local run fewer.
 settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -17,30 +18,16 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # Two cores: parallel test workers or subprocesses must not fight over threads.
 torch.set_num_threads(int(os.environ.get("COLLAFUSE_TEST_THREADS", "1")))
 
-# Small but real settings: the same code paths as the default run, sized to take seconds.
-TINY = [
-    "split.T=100", "split.t_zeta=20", "train.rounds=4", "train.batch_size=8", "train.upload_size=8",
-    "train.checkpoint_every=2", "sample.n_per_client=4", "sample.sampler=ddim", "sample.steps=10",
-    "engine.threads=1",
-]
-
 
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The real command in a child process, one thread, with its output captured."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "collafuse.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
 @pytest.fixture
 def run_main(capsys, monkeypatch):
     """The command in this test's process: ``cli.main(args)`` run in ``cwd``, its output captured; returns a
-    CompletedProcess like :func:`run_cli`. The fast tier's way to check the CLI; run_cli crosses a real process
+    CompletedProcess like :func:`support.run_cli`. The fast tier's way to check the CLI; run_cli crosses a real process
     boundary and belongs to the slow tier."""
     from collafuse import cli
 

@@ -18,7 +18,7 @@ from collafuse.privacy import choose_for_budget, guarantee
 from collafuse.schedule import NoiseSchedule
 from collafuse.split import Split
 from collafuse.training import Trainer
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from collafuse.data import load_federated
 from collafuse.data.celeba import PAPER_CLIENTS
 from collafuse.engines.local import run
 from collafuse.errors import DataError
-from conftest import TINY
+from support import TINY
 
 CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
                 "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair "
@@ -203,7 +203,7 @@ def test_conditioning_on_attribute_vectors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["celeba", "celeba-cpu", "awa2", "awa2-cpu", "cifar10", "cifar10-cpu"])
 def test_every_dataset_config_runs_from_the_command_line(tmp_path: Path, name: str) -> None:
     """`collafuse run configs/<dataset>.toml --set data.root=PATH` on files in the real format."""
-    from conftest import run_cli
+    from support import run_cli
     from test_datasets import write_cifar
 
     if name.startswith("celeba"):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from collafuse.errors import CollafuseError
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from collafuse import config
 from collafuse.errors import ConfigError
-from conftest import run_cli
+from support import run_cli
 
 
 def test_defaults_are_the_documented_experiment() -> None:

@@ -10,7 +10,7 @@ from collafuse.client import Upload
 from collafuse.engines.local import run
 from collafuse.errors import ConfigError
 from collafuse.experiment import build
-from conftest import TINY
+from support import TINY
 
 CUTS = ["split.client_cuts=[10,40,100]"]
 

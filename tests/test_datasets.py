@@ -13,7 +13,7 @@ from collafuse.data import load_federated
 from collafuse.data.base import partition_dirichlet, partition_iid
 from collafuse.data.cifar10 import BATCHES, load_cifar10_images
 from collafuse.errors import DataError
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

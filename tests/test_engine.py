@@ -11,7 +11,7 @@ from collafuse import checkpoint, config
 from collafuse.engines import local
 from collafuse.errors import CheckpointError, ConfigError
 from collafuse.experiment import build, sample_clients
-from conftest import TINY
+from support import TINY
 
 
 def _train(run_dir: Path, overrides: list[str] = (), resume: bool = False):
@@ -168,7 +168,7 @@ def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> No
     those of a one-thread run without workers, wherever the hand-over fell."""
     import json
 
-    from conftest import run_cli
+    from support import run_cli
 
     runs, said = {}, "clients train in 1 worker process(es) beside the server, 1 thread(s) each"
     for name, w, threads in (("auto", "'auto'", 2), ("none", "0", 1)):

@@ -31,8 +31,7 @@ from collafuse.engines.flower.launch import (
 from collafuse.engines.flower.protocol import decode_upload, encode_upload
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
-from flower_support import make_certificates, make_node_key
-from support import kill_tagged, tagged_processes, wait_until_gone
+from support import kill_tagged, make_certificates, make_node_key, tagged_processes, wait_until_gone
 
 BIN = Path(sys.executable).parent
 # small and quick, one thread everywhere so that the engines can be compared bit for bit

@@ -12,7 +12,7 @@ from PIL import Image
 from collafuse.data import load_federated
 from collafuse.data.digits import load_digits_images
 from collafuse.errors import DataError
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
 SETS = [a for o in TINY for a in ("--set", o)]
 

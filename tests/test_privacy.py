@@ -12,7 +12,7 @@ from collafuse import config
 from collafuse.client import clip_l2
 from collafuse.experiment import build
 from collafuse.privacy import guarantee, noise_multiplier
-from conftest import TINY
+from support import TINY
 
 
 def _analytic_delta(eps: float, z: float) -> float:

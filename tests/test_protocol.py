@@ -13,8 +13,7 @@ from collafuse.client import Upload
 from collafuse.data import ClientData
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
-from conftest import TINY
-from support import FakeFinite
+from support import TINY, FakeFinite
 
 
 def make(overrides: list[str] = ()) -> object:

@@ -23,8 +23,7 @@ from collafuse.engines import local
 from collafuse.errors import CheckpointError, UploadRejected
 from collafuse.experiment import build
 from collafuse.training import NonFiniteLoss
-from conftest import TINY, run_cli
-from support import FakeFinite, wait_until_gone
+from support import TINY, FakeFinite, run_cli, wait_until_gone
 
 SETS = [a for o in TINY for a in ("--set", o)]
 

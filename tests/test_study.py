@@ -12,7 +12,7 @@ from collafuse import config
 from collafuse.aggregation import fedavg
 from collafuse.errors import ConfigError
 from collafuse.experiment import build
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
 SWEEP = TINY + ["eval.n_per_client=12", "eval.steps=5", "eval.disclosure_images=12", "eval.inception=off"]
 
