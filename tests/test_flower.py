@@ -5,6 +5,7 @@ a node killed and restarted). Every process is started here and stopped by its p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -301,6 +302,42 @@ def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(t
         assert (out / "samples" / "client_2.png").exists() or m["sampling"]["returned_to_server"] is False
     finally:
         procs.stop_all()
+
+
+@pytest.mark.parametrize("extra, msg", [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),
+                                        (["--set", "train.batch_size=5000"], "fewer than train.batch_size = 5000")])
+def test_flower_engine_errors_come_before_ray_starts(tmp_path, run_main, extra, msg):
+    """The fast twin of the test below: the simulation engine's checks, in this process, before Ray."""
+    r = run_main("run", "--engine", "flower", "--out", str(tmp_path / "x"), *extra, cwd=tmp_path)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_the_launch_helper_starts_logs_and_stops_a_process_group(tmp_path):
+    """launch.Processes in the fast tier, with a plain Python child in place of Flower's commands: it gets the
+    quiet environment and the lifeline's tag, its output goes to its log, and stop_all ends its group."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    env = quiet_env(tmp_path / "flwr_home", EXTRA="1", COLLAFUSE_TEST_TAG=tag)
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["PATH"].split(os.pathsep)[0] == str(BIN)
+    procs = Processes(tmp_path)
+    code = ("import os, subprocess, sys, time; subprocess.Popen(['sleep', '300']); "
+            "print(os.environ['EXTRA'], 'COLLAFUSE_LIFELINE' in os.environ, flush=True); time.sleep(300)")
+    p = procs.start("child", ["python", "-c", code], env)
+    deadline = time.monotonic() + 30
+    while "1 True" not in procs.log("child"):
+        assert p.poll() is None and time.monotonic() < deadline, procs.log("child")
+        time.sleep(0.05)
+    assert "sleep 300 " in tagged_processes(tag).values()
+    procs.stop_all()
+    assert p.returncode == -15 and procs.procs == {}
+    assert wait_until_gone(tag, 5) == {}  # the grandchild (sleep) went with the group
+    write_connection(tmp_path / "flwr_home", 9093)
+    assert 'address = "127.0.0.1:9093"' in (tmp_path / "flwr_home" / "config.toml").read_text()
+    assert superlink_args(9093)[-1] == "--insecure" and "partition-id=1" in " ".join(supernode_args(9093, 1))
+    want = f'out="{tmp_path}" overrides="a=1;b=2" node-dir="{tmp_path}"'
+    assert run_config(tmp_path, ["a=1", "b=2"], tmp_path) == want
 
 
 @pytest.mark.slow
