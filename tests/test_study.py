@@ -119,6 +119,9 @@ def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: P
     (["sweep", "--seeds", "0"], "at least 1"),
     (["report", "."], "not a sweep folder"),
     (["eval", "."], "not a run folder"),
+    (["privacy-study", "--cuts", "0,100"], "every cut must send something"),
+    (["privacy-study", "--cuts", "100,5000"], "out of range"),
+    (["privacy-study", "--seeds", "0"], "at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str, run_main) -> None:
     res = run_main(*args, cwd=tmp_path)
