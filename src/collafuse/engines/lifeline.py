@@ -30,7 +30,9 @@ GRACE_S = 5.0  # from SIGTERM to SIGKILL
 
 
 class Lifeline:
-    """A watchdog for this process's children; ``env()`` marks a child's environment, ``close()`` lets go."""
+    """A watchdog for this process's children; ``env()`` marks a child's environment, ``close()`` ends what
+    it covers. An object that is dropped (garbage-collected) closes its pipe too: keep it while its
+    processes should run."""
 
     def __init__(self, grace_s: float = GRACE_S) -> None:
         self.tag = secrets.token_hex(8)
