@@ -149,3 +149,30 @@ def test_a_sigkilled_pytest_leaves_none_of_its_tests_processes(tmp_path):
         assert wait_until_gone(tag, 30) == {}
     finally:
         kill_tagged(tag)
+
+
+def test_a_dropped_lifeline_ends_what_it_covers():
+    """A Lifeline that is garbage-collected closes its pipe: what it covers ends, as when its owner dies."""
+    import gc
+
+    tag = uuid.uuid4().hex
+    try:
+        line = Lifeline(grace_s=0.3)
+        _family(line.env({**os.environ, "COLLAFUSE_TEST_TAG": tag}))
+        assert _count_sleepers(_sleepers(tag)) == 2
+        watchdog = line.proc
+        del line
+        gc.collect()
+        assert watchdog.wait(timeout=10) == 0
+        assert wait_until_gone(tag, 5) == {}
+    finally:
+        kill_tagged(tag)
+
+
+def test_a_group_that_ended_by_itself_is_passed_over():
+    line = Lifeline(grace_s=0.3)
+    p = subprocess.Popen(["true"], start_new_session=True)
+    line.watch_group(p.pid)
+    assert p.wait(timeout=10) == 0  # reaped: its group number is free
+    line.close()
+    assert line.proc.returncode == 0
