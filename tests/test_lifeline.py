@@ -29,6 +29,18 @@ def _family(env: dict[str, str]) -> subprocess.Popen:
     return p
 
 
+@pytest.fixture
+def tag():
+    """A COLLAFUSE_TEST_TAG for this test's processes; whatever a failed test left running is killed after it."""
+    t = uuid.uuid4().hex
+    yield t
+    kill_tagged(t)
+
+
+def _tagged_env(tag: str) -> dict[str, str]:
+    return {**os.environ, "COLLAFUSE_TEST_TAG": tag}
+
+
 def _sleepers(tag: str) -> dict[int, str]:
     """The family's two sleepers once both run (the shell forks them before they exec sleep), within 10 s."""
     deadline = time.monotonic() + 10
@@ -43,50 +55,38 @@ def _count_sleepers(running: dict[int, str]) -> int:
     return sum(c == "sleep 300 " for c in running.values())
 
 
-def test_close_ends_a_group_it_was_told_of():
+def test_close_ends_a_group_it_was_told_of(tag):
     """No tag in the family's environment: the group alone is what the watchdog knows (so the grandchild that
     left the group survives, as it would on a system without /proc)."""
-    tag = uuid.uuid4().hex
-    try:
-        line = Lifeline(grace_s=0.3)
-        p = _family({**os.environ, "COLLAFUSE_TEST_TAG": tag})
-        line.watch_group(p.pid)
-        running = _sleepers(tag)
-        assert _count_sleepers(running) == 2
-        line.close()
-        assert p.wait(timeout=5) == -9  # it ignored SIGTERM: SIGKILL after the grace period
-        left = wait_until_gone(tag, 1)
-        assert list(left.values()) == ["sleep 300 "] and os.getsid(next(iter(left))) != p.pid
-        assert line.proc.returncode == 0
-    finally:
-        kill_tagged(tag)
+    line = Lifeline(grace_s=0.3)
+    p = _family(_tagged_env(tag))
+    line.watch_group(p.pid)
+    running = _sleepers(tag)
+    assert _count_sleepers(running) == 2
+    line.close()
+    assert p.wait(timeout=5) == -9  # it ignored SIGTERM: SIGKILL after the grace period
+    left = wait_until_gone(tag, 1)
+    assert list(left.values()) == ["sleep 300 "] and os.getsid(next(iter(left))) != p.pid
+    assert line.proc.returncode == 0
 
 
-def test_close_ends_every_tagged_process_in_any_group():
-    tag = uuid.uuid4().hex
-    try:
-        line = Lifeline(grace_s=0.3)
-        p = _family(line.env({**os.environ, "COLLAFUSE_TEST_TAG": tag}))
-        assert _count_sleepers(_sleepers(tag)) == 2
-        line.close()
-        assert p.wait(timeout=5) == -9
-        assert wait_until_gone(tag, 5) == {}
-    finally:
-        kill_tagged(tag)
+def test_close_ends_every_tagged_process_in_any_group(tag):
+    line = Lifeline(grace_s=0.3)
+    p = _family(line.env(_tagged_env(tag)))
+    assert _count_sleepers(_sleepers(tag)) == 2
+    line.close()
+    assert p.wait(timeout=5) == -9
+    assert wait_until_gone(tag, 5) == {}
 
 
-def test_a_forgotten_group_is_left_alone():
+def test_a_forgotten_group_is_left_alone(tag):
     """Once a group is stopped and forgotten its number may be reused: the watchdog must not signal it."""
-    tag = uuid.uuid4().hex
-    try:
-        line = Lifeline(grace_s=0.3)
-        p = subprocess.Popen(["sleep", "300"], env={**os.environ, "COLLAFUSE_TEST_TAG": tag}, start_new_session=True)
-        line.watch_group(p.pid)
-        line.forget_group(p.pid)
-        line.close()
-        assert p.poll() is None and len(tagged_processes(tag)) == 1
-    finally:
-        kill_tagged(tag)
+    line = Lifeline(grace_s=0.3)
+    p = subprocess.Popen(["sleep", "300"], env=_tagged_env(tag), start_new_session=True)
+    line.watch_group(p.pid)
+    line.forget_group(p.pid)
+    line.close()
+    assert p.poll() is None and len(tagged_processes(tag)) == 1
 
 
 STARTER = """
@@ -104,12 +104,11 @@ sys.stdin.read()
 """
 
 
-def test_a_sigkilled_starter_leaves_nothing_running():
+def test_a_sigkilled_starter_leaves_nothing_running(tag):
     """The starter (a separate process, as a user's script or a test) is SIGKILLed: no clean-up of its own
     runs, yet its group and the grandchild that left it end."""
-    tag = uuid.uuid4().hex
     starter = subprocess.Popen([sys.executable, "-I", "-c", STARTER, lifeline.__file__, FAMILY],
-                               env={**os.environ, "COLLAFUSE_TEST_TAG": tag}, stdin=subprocess.PIPE,
+                               env=_tagged_env(tag), stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
     try:
         assert starter.stdout.readline() == "ready\n"
@@ -118,20 +117,16 @@ def test_a_sigkilled_starter_leaves_nothing_running():
     finally:
         starter.kill()
         starter.wait()
-    try:
-        assert wait_until_gone(tag, 10) == {}
-    finally:
-        kill_tagged(tag)
+    assert wait_until_gone(tag, 10) == {}
 
 
 @pytest.mark.slow
-def test_a_sigkilled_pytest_leaves_none_of_its_tests_processes(tmp_path):
+def test_a_sigkilled_pytest_leaves_none_of_its_tests_processes(tmp_path, tag):
     """The test session's lifeline (conftest.py): a test starts a process the way tests do (a plain Popen, no
     process group) and pytest is SIGKILLed, as a CI time limit does; the process ends too."""
     (tmp_path / "test_started.py").write_text(
         "import subprocess, time\n\n\ndef test_starts_a_process():\n"
         "    subprocess.Popen(['sleep', '300'])\n    time.sleep(300)\n")
-    tag = uuid.uuid4().hex
     env = {**os.environ, "COLLAFUSE_TEST_TAG": tag, "PYTHONPATH": str(Path(__file__).parent)}
     env.pop(lifeline.TAG, None)  # the inner pytest makes its own
     inner = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
@@ -145,28 +140,21 @@ def test_a_sigkilled_pytest_leaves_none_of_its_tests_processes(tmp_path):
     finally:
         inner.kill()
         inner.wait()
-    try:
-        assert wait_until_gone(tag, 30) == {}
-    finally:
-        kill_tagged(tag)
+    assert wait_until_gone(tag, 30) == {}
 
 
-def test_a_dropped_lifeline_ends_what_it_covers():
+def test_a_dropped_lifeline_ends_what_it_covers(tag):
     """A Lifeline that is garbage-collected closes its pipe: what it covers ends, as when its owner dies."""
     import gc
 
-    tag = uuid.uuid4().hex
-    try:
-        line = Lifeline(grace_s=0.3)
-        _family(line.env({**os.environ, "COLLAFUSE_TEST_TAG": tag}))
-        assert _count_sleepers(_sleepers(tag)) == 2
-        watchdog = line.proc
-        del line
-        gc.collect()
-        assert watchdog.wait(timeout=10) == 0
-        assert wait_until_gone(tag, 5) == {}
-    finally:
-        kill_tagged(tag)
+    line = Lifeline(grace_s=0.3)
+    _family(line.env(_tagged_env(tag)))
+    assert _count_sleepers(_sleepers(tag)) == 2
+    watchdog = line.proc
+    del line
+    gc.collect()
+    assert watchdog.wait(timeout=10) == 0
+    assert wait_until_gone(tag, 5) == {}
 
 
 def test_a_group_that_ended_by_itself_is_passed_over():
