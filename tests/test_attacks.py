@@ -98,12 +98,12 @@ def test_target_epsilon_picks_the_smallest_cut_and_the_largest_clip() -> None:
     assert "chose train.clip_norm" in clip.describe(8.0)
 
 
-def test_target_epsilon_errors_say_what_to_do(tmp_path: Path) -> None:
+def test_target_epsilon_errors_say_what_to_do(tmp_path: Path, run_main) -> None:
     base = [*sum((["--set", o] for o in TINY), []), "--quiet"]
-    r = run_cli("run", *base, "--target-epsilon", "8", "--out", str(tmp_path / "a"), cwd=tmp_path)
-    assert r.returncode == 2 and "upload_policy=once" in r.stderr
-    r = run_cli("run", *base, "--set", "train.upload_policy=once", "--target-epsilon", "0.01",
-                "--out", str(tmp_path / "b"), cwd=tmp_path)
+    r = run_main("run", *base, "--target-epsilon", "8", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert r.returncode == 2 and "upload_policy=once" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_main("run", *base, "--set", "train.upload_policy=once", "--target-epsilon", "0.01",
+                 "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert r.returncode == 2 and "no cut meets it" in r.stderr and not (tmp_path / "b").exists()
 
 
