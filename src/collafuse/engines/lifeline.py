@@ -61,13 +61,12 @@ class Lifeline:
         if self._write is not None:
             os.write(self._write, line.encode())
 
-    def close(self, wait: bool = True) -> None:
+    def close(self) -> None:
         """End everything this lifeline covers now (the watchdog's work), and the watchdog."""
         if self._write is not None:
             os.close(self._write)
             self._write = None
-            if wait:
-                self.proc.wait()
+            self.proc.wait()
 
     def __enter__(self) -> Lifeline:
         return self
