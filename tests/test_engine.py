@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collafuse import checkpoint, config
-from collafuse.engines import local
+from collafuse.engines import local, run_folder
 from collafuse.errors import CheckpointError, ConfigError
 from collafuse.experiment import build, sample_clients
 from support import TINY
@@ -16,7 +16,7 @@ from support import TINY
 
 def _train(run_dir: Path, overrides: list[str] = (), resume: bool = False):
     cfg = config.load(None, TINY + list(overrides))
-    local.prepare_run_dir(run_dir, cfg, resume)
+    run_folder.prepare(run_dir, cfg, resume)
     exp = build(cfg)
     history = local.train(exp, run_dir, resume=resume, progress=False)
     return exp, history

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from collafuse import checkpoint, config
-from collafuse.engines import local
+from collafuse.engines import local, run_folder
 from collafuse.errors import CheckpointError, UploadRejected
 from collafuse.experiment import build
 from collafuse.training import NonFiniteLoss
@@ -109,7 +109,7 @@ def test_sigkill_with_a_client_worker_leaves_no_worker_and_resumes_to_the_same_w
 
 def test_non_finite_loss_names_the_model_and_round_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
     cfg = config.load(None, TINY)
-    local.prepare_run_dir(tmp_path / "r", cfg, False)
+    run_folder.prepare(tmp_path / "r", cfg, False)
     exp = build(cfg)
     original = exp.clients[1].train_round
 
@@ -216,7 +216,7 @@ def test_random_malformed_uploads_never_crash_or_touch_the_server(upload: object
 
 def _finished(tmp_path: Path) -> Path:
     cfg = config.load(None, TINY)
-    local.prepare_run_dir(tmp_path / "r", cfg, False)
+    run_folder.prepare(tmp_path / "r", cfg, False)
     local.train(build(cfg), tmp_path / "r", progress=False)
     return tmp_path / "r"
 

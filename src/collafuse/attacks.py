@@ -224,9 +224,7 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
         blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(c.data.test_x)
         entry: dict[str, Any] = {
             "t_zeta": split.t_zeta,
-            "guarantee": {"epsilon": g.epsilon, "delta": g.delta, "releases": g.releases,
-                          "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm, "vacuous": g.vacuous,
-                          "text": g.describe()},
+            "guarantee": g.to_dict(),
             "blind": {"psnr": float(psnr(blind, c.data.test_x).mean()),
                       "ssim": float(ssim(blind, c.data.test_x).mean())},
             # a fresh policy object: the client's own holds the noised copies of its training images

@@ -20,6 +20,7 @@ from typing import Any
 from .errors import ConfigError
 
 VACUOUS_EPSILON = 10.0  # beyond this an (epsilon, delta) guarantee says little about reconstruction
+GUARANTEE_KEYS = ("epsilon", "delta", "releases", "noise_multiplier", "clip_norm", "accountant", "vacuous", "text")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class Guarantee:
     @property
     def vacuous(self) -> bool:
         return not self.epsilon <= VACUOUS_EPSILON
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, whether the guarantee is vacuous, and the sentence that says what it means (for JSON)."""
+        d = {"epsilon": self.epsilon, "delta": self.delta, "releases": self.releases,
+             "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "accountant": self.accountant,
+             "vacuous": self.vacuous, "text": self.describe()}
+        assert tuple(d) == GUARANTEE_KEYS
+        return d
 
     def describe(self) -> str:
         if self.releases == 0:

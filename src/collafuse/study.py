@@ -85,7 +85,8 @@ def _run_one(cfg_dict: dict, run_dir: str, privacy: bool = False) -> None:
 
     from . import checkpoint
     from .attacks import assess
-    from .engines.local import finish_run, prepare_run_dir, train
+    from .engines.local import finish_run, train
+    from .engines.run_folder import prepare
     from .experiment import build
     from .metrics.evaluate import evaluate
 
@@ -101,7 +102,7 @@ def _run_one(cfg_dict: dict, run_dir: str, privacy: bool = False) -> None:
         checkpoint.load(checkpoint.latest(path), exp)
     else:
         resume = (path / "config.toml").exists()
-        prepare_run_dir(path, cfg, resume)
+        prepare(path, cfg, resume)
         start = time.perf_counter()
         history = train(exp, path, resume=resume, progress=False)
         finish_run(exp, path, history, time.perf_counter() - start, progress=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from .. import config as config_mod
 from ..aggregation import fedavg
 from ..config import Config
 from ..errors import CheckpointError, ConfigError
@@ -23,41 +21,11 @@ from ..experiment import Experiment, build, sample_clients
 from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
-from ..report import plot_losses, save_grid, save_handover, write_report
-from ..server import Server
 from ..split import describe_cuts
+from .run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
 from .workers import ClientThread, ClientWorkers, spawn_is_safe
 
 log = logging.getLogger(__name__)
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
-    """Create the run folder, or check that the one given belongs to this run when resuming."""
-    saved = run_dir / "config.toml"
-    if resume:
-        if not saved.exists():
-            raise CheckpointError(f"{run_dir} holds no run to resume (no config.toml); drop --resume to start one")
-        old = config_mod.load(saved).to_dict()
-        new = cfg.to_dict()
-        # only the length of training and what happens after it may change on resume
-        free = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-                ("sample",), ("eval",), ("engine", "threads"), ("engine", "workers"),
-                ("engine", "device")}
-        for sec, values in new.items():
-            for key, value in values.items():
-                if (sec,) in free or (sec, key) in free:
-                    continue
-                if old[sec][key] != value:
-                    raise CheckpointError(f"{sec}.{key} = {value!r} differs from the run being resumed "
-                                          f"({old[sec][key]!r}); start a new run folder to change it")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise CheckpointError(f"{run_dir} already holds files; add --resume to continue that run, "
-                              f"or choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.write(cfg, saved)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write the run folder {run_dir} ({exc.strerror}); choose another --out") from exc
 
 
 def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
@@ -178,8 +146,8 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
         client_metrics = pool.finish_round()
     return {
         "round": r + 1,
-        "server_loss": _num(server_metrics["loss"]),
-        "client_loss": [_num(m["loss"]) for m in client_metrics],
+        "server_loss": num(server_metrics["loss"]),
+        "client_loss": [num(m["loss"]) for m in client_metrics],
         "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
         "client_seconds": [m["seconds"] for m in client_metrics],
         "client_samples": [m["samples"] for m in client_metrics],
@@ -188,10 +156,6 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
         "client_thread": isinstance(pool, ClientThread),  # the clients trained in a thread beside the server
         "seconds": time.perf_counter() - began, "ended_at": time.time(),
     }
-
-
-def _num(v: float) -> float | None:
-    return None if v is None or math.isnan(v) else float(v)
 
 
 def _postfix(h: dict[str, Any]) -> str:
@@ -204,81 +168,23 @@ def _postfix(h: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _rate(history: list[dict[str, Any]], who: str) -> dict[str, Any]:
-    if who == "server":
-        secs = sum(h["server_seconds"] for h in history)
-        n = sum(h["server_samples"] for h in history)
-        final = history[-1]["server_loss"] if history else None
-    else:
-        secs = sum(sum(h["client_seconds"]) for h in history)
-        n = sum(sum(h["client_samples"]) for h in history)
-        final = history[-1]["client_loss"] if history else []
-        per = []
-        for i in range(len(final)):
-            s_i = sum(h["client_seconds"][i] for h in history)
-            n_i = sum(h["client_samples"][i] for h in history)
-            per.append(n_i / s_i if s_i > 0 else None)
-        return {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final,
-                "images_per_s_per_client": per}
-    return {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final}
-
-
 def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wall: float,
                progress: bool = True) -> dict[str, Any]:
     """Export the models, sample every client, draw the pictures and write metrics.json and report.md."""
     for key, trainer in exp.trainers.items():
         trainer.sampling_model.save(run_dir / "models" / key)
-    n = exp.cfg.sample.n_per_client
-    out = sample_clients(exp, {c.cid: n for c in exp.clients}, progress=progress)
-    for cid, x in out["samples"].items():
-        labels = out["labels"][cid]
-        order = labels.argsort(stable=True) if labels is not None and labels.dim() == 1 else torch.arange(len(x))
-        save_grid(x[order], run_dir / "samples" / f"client_{cid}.png")  # rows grouped by class
-    signal, noise = exp.split.signal_noise_at_cut()
+    s = exp.cfg.sample
+    out = sample_clients(exp, {c.cid: s.n_per_client for c in exp.clients}, progress=progress)
     scale = max(sum(c.split.signal_noise_at_cut()) for c in exp.clients)
-    save_handover(out["handover"], out["samples"], run_dir / "samples" / "handover.png", scale=max(1.0, scale))
-    if history:
-        plot_losses(history, run_dir / "plots" / "loss.png")
-    n_total = n * len(exp.clients)
-    quality = label_agreement(exp, out["samples"])
-    client_secs = sum(out["client_seconds"].values())
-    upload_bytes = [b for h in history for b in h["upload_bytes"]]
-    metrics = {
-        "t_zeta": exp.split.t_zeta, "T": exp.split.T,
-        "cut": describe_cuts(exp.split.t_zeta, exp.split.T, list(exp.cuts.values())),
-        "client_cuts": {str(k): v for k, v in exp.cuts.items()}, "server_model": server_model(exp.server),
-        "signal_at_cut": signal, "noise_at_cut": noise,
-        "data": {"name": exp.data.name, "clients": exp.data.describe()},
-        "rounds": len(history), "wall_seconds": wall,
-        "train": {"server": _rate(history, "server"), "client": _rate(history, "client"),
-                  "workers": max((h.get("workers", 0) for h in history), default=0),
-                  "client_thread": any(h.get("client_thread", False) for h in history)},
-        "upload": {"dtype": exp.cfg.train.upload_dtype,
-                   "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
-                   "bytes_total": sum(upload_bytes)},
-        "rejected_uploads": sum(h["rejected"] for h in history),
-        "privacy": privacy_summary(exp),
-        "label_agreement": quality,
-        "sampling": {
-            "sampler": exp.cfg.sample.sampler, "steps": exp.cfg.sample.steps, "images": n_total,
-            "server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
-            "server_seconds_per_image": out["server_seconds"] / n_total,
-            "client_seconds_per_image": client_secs / n_total,
-            "seconds_per_image": (out["server_seconds"] + client_secs) / n_total,
-        },
-        "history": history,
-    }
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    write_report(run_dir, metrics)
-    return metrics
-
-
-def server_model(server: Server) -> str:
-    """What the server trains, in words."""
-    if server.shared:
-        return "one shared model for every cut (predicts the full chain's epsilon)"
-    n = len(server.trainers)
-    return "none" if n == 0 else ("one tail model" if n == 1 else f"one tail model per cut ({n})")
+    save_samples(run_dir, out["samples"], out["labels"], out["handover"], scale)
+    return finish(run_dir, RunSummary(
+        server=exp.server, t_zeta=exp.split.t_zeta, data={"name": exp.data.name, "clients": exp.data.describe()},
+        history=history, wall_seconds=wall, upload_dtype=exp.cfg.train.upload_dtype, privacy=privacy_summary(exp),
+        label_agreement=label_agreement(exp, out["samples"]),
+        sampling=Sampling(s.sampler, s.steps, s.n_per_client * len(exp.clients), out["server_steps"],
+                          out["client_steps"], out["server_seconds"], sum(out["client_seconds"].values())),
+        train_extra={"workers": max((h.get("workers", 0) for h in history), default=0),
+                     "client_thread": any(h.get("client_thread", False) for h in history)}))
 
 
 def privacy_summary(exp: Experiment) -> dict[str, Any]:
@@ -286,10 +192,7 @@ def privacy_summary(exp: Experiment) -> dict[str, Any]:
     tr = exp.cfg.train
     per = {}
     for c in exp.clients:
-        g = c.privacy(exp.cfg.eval.delta)
-        per[str(c.cid)] = {"epsilon": g.epsilon, "delta": g.delta, "releases": g.releases,
-                           "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm,
-                           "accountant": g.accountant, "vacuous": g.vacuous, "text": g.describe()}
+        per[str(c.cid)] = c.privacy(exp.cfg.eval.delta).to_dict()
     return {"policy": tr.upload_policy, "clip_norm": tr.clip_norm, "per_client": per}
 
 
@@ -308,7 +211,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, progress: bool = Tr
     run folder once it exists (a bad config or data set fails before that, and nothing is written)."""
     run_dir = Path(run_dir)
     exp = build(cfg)  # data and config problems surface before anything is written
-    prepare_run_dir(run_dir, cfg, resume)
+    prepare(run_dir, cfg, resume)
     if announce is not None:
         announce(run_dir)
     if exp.data.partition is not None and not (run_dir / "partition.json").exists():

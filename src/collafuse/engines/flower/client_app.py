@@ -92,15 +92,13 @@ def finish(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - start
     order = y.argsort(stable=True) if y is not None and y.dim() == 1 else torch.arange(len(x0))
     save_grid(x0[order], nc.folder / "samples.png")  # the client's own look at its samples, on its own disk
-    g = c.privacy(float(s["delta"]))
-    values = {"client_seconds": seconds, "images": len(x0), "epsilon": g.epsilon, "delta": g.delta,
-              "releases": g.releases, "noise_multiplier": g.noise_multiplier, "clip_norm": g.clip_norm}
+    g = c.privacy(float(s["delta"])).to_dict()
+    words = {k: g.pop(k) for k in ("text", "accountant", "vacuous")}  # the numbers go as metrics
+    values = {"client_seconds": seconds, "images": len(x0), **g}
     agreement = _agreement(nc, x0, y)
     if agreement is not None:
         values["label_agreement"], values["classifier_test_accuracy"] = agreement
-    content = RecordDict({"metrics": metrics(values),
-                          "privacy": ConfigRecord({"text": g.describe(), "accountant": g.accountant,
-                                                   "vacuous": bool(g.vacuous)})})
+    content = RecordDict({"metrics": metrics(values), "privacy": ConfigRecord(words)})
     if bool(s["return_samples"]):
         content["samples"] = ArrayRecord({"x": tensor_array(x0)})
     return Message(content, reply_to=msg)

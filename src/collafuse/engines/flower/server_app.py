@@ -14,7 +14,6 @@ Run config (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . -c 'ke
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,11 +28,10 @@ from ... import config as config_mod
 from ...config import Config
 from ...errors import CollafuseError, UploadRejected
 from ...experiment import DataSpec, build_server, seed_for, server_models
-from ...files import write_text_atomic
-from ...report import plot_losses, save_grid, save_handover, write_report
+from ...privacy import GUARANTEE_KEYS
 from ...server import Server
 from ...split import describe_cuts
-from ..local import _num, _rate, prepare_run_dir, server_model
+from ..run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
 from .protocol import (
     FINISH,
     HELLO,
@@ -178,7 +176,7 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     cfg.engine.name = "flower"  # the run folder's config says which engine made it
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
-    prepare_run_dir(run_dir, cfg, resume=False)
+    prepare(run_dir, cfg, resume=False)
     if announce is not None:
         announce(run_dir)
     n = expected_clients(cfg)
@@ -246,8 +244,8 @@ def _train_round(server: Server, fed: Federation, replies: dict[int, Message], c
     got = {cid: dict(replies[cid].content.metric_records["metrics"]) for cid in replies}
     return {
         "round": r + 1,
-        "server_loss": _num(m["loss"]),
-        "client_loss": [_num(got[c].get("loss", float("nan"))) if c in got else None for c in cids],
+        "server_loss": num(m["loss"]),
+        "client_loss": [num(got[c].get("loss", float("nan"))) if c in got else None for c in cids],
         "server_seconds": m["seconds"], "server_samples": m["samples"],
         "client_seconds": [float(got[c].get("seconds", 0.0)) if c in got else 0.0 for c in cids],
         "client_samples": [int(got[c].get("samples", 0)) if c in got else 0 for c in cids],
@@ -295,68 +293,36 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
     evals = {cid: dict(done[cid].content.metric_records["metrics"]) for cid in sorted(done)}
     samples = {cid: to_tensor(done[cid].content.array_records["samples"]["x"], f"client {cid}'s samples")
                for cid in sorted(done) if "samples" in done[cid].content.array_records}
-    for cid, x in samples.items():
-        y = labels[cid]
-        order = y.argsort(stable=True) if y is not None and y.dim() == 1 else torch.arange(len(x))
-        save_grid(x[order], run_dir / "samples" / f"client_{cid}.png")
-    if samples:
-        scale = max(sum(server.splits[server.cuts[c]].signal_noise_at_cut()) for c in samples)
-        save_handover({c: handover[c] for c in samples}, samples, run_dir / "samples" / "handover.png",
-                      scale=max(1.0, scale))
-    if history:
-        plot_losses(history, run_dir / "plots" / "loss.png")
-    metrics = _metrics(server, fed, cfg, history, wall, evals, done, server_seconds, len(handover))
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    write_report(run_dir, metrics)
-    return metrics
+    scale = max((sum(server.splits[server.cuts[c]].signal_noise_at_cut()) for c in samples), default=1.0)
+    save_samples(run_dir, samples, labels, handover, scale)
+    return finish(run_dir, _summary(server, fed, cfg, history, wall, evals, done, server_seconds, len(handover)))
 
 
-def _metrics(server: Server, fed: Federation, cfg: Config, history: list[dict[str, Any]], wall: float,
+def _summary(server: Server, fed: Federation, cfg: Config, history: list[dict[str, Any]], wall: float,
              evals: dict[int, dict[str, Any]], done: dict[int, Message], server_seconds: float,
-             sampled: int) -> dict[str, Any]:
-    n_img = cfg.sample.n_per_client * max(sampled, 1)
+             sampled: int) -> RunSummary:
     steps = {cid: server.splits[server.cuts[cid]].sample_steps(cfg.sample.sampler, cfg.sample.steps)
              for cid in fed.info}
     per_image = [sum(steps[c][side] for c in steps) / max(len(steps), 1) for side in (0, 1)]
-    signal, noise = server.split.signal_noise_at_cut()
-    upload_bytes = [b for h in history for b in h["upload_bytes"]]
-    wire = [b for h in history for b in h["wire_bytes"]]
     la = {str(c): e["label_agreement"] for c, e in evals.items() if "label_agreement" in e}
     acc = [e["classifier_test_accuracy"] for e in evals.values() if "classifier_test_accuracy" in e]
     client_secs = sum(e.get("client_seconds", 0.0) for e in evals.values())
-    return {
-        "engine": {"name": "flower", "nodes": {str(c): n for c, n in sorted(fed.nodes.items())},
-                   "events": fed.events, "min_clients": cfg.engine.min_clients or len(server.cuts)},
-        "t_zeta": cfg.split.t_zeta, "T": cfg.split.T,
-        "cut": describe_cuts(cfg.split.t_zeta, cfg.split.T, list(server.cuts.values())),
-        "client_cuts": {str(k): v for k, v in server.cuts.items()},
-        "server_model": server_model(server),
-        "signal_at_cut": signal, "noise_at_cut": noise,
-        "data": {"name": next(iter(fed.info.values()))["name"],
-                 "clients": [{"client": c, "classes": list(i["classes"]), "train": int(i["train"]),
-                              "test": int(i["test"])} for c, i in sorted(fed.info.items())]},
-        "rounds": len(history), "wall_seconds": wall,
-        "train": {"server": _rate(history, "server"), "client": _rate(history, "client")},
-        "upload": {"dtype": cfg.train.upload_dtype,
-                   "bytes_per_client_round": upload_bytes[-1] if upload_bytes else 0,
-                   "wire_bytes_per_client_round": wire[-1] if wire else 0,
-                   "bytes_total": sum(upload_bytes), "wire_bytes_total": sum(wire)},
-        "rejected_uploads": sum(h["rejected"] for h in history),
-        "rejections": [{"client": c, "round": r + 1, "reason": why} for c, r, why in server.rejected],
-        "privacy": {"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm,
-                    "per_client": {str(c): {**{k: e[k] for k in ("epsilon", "delta", "releases", "noise_multiplier",
-                                                                "clip_norm") if k in e},
-                                            **dict(done[c].content.config_records["privacy"])}
-                                   for c, e in evals.items()}},
-        "label_agreement": None if not la else {
+    privacy = {}
+    for c, e in evals.items():  # the guarantee's numbers came as metrics, its words as a config record
+        told = {**e, **dict(done[c].content.config_records["privacy"])}
+        privacy[str(c)] = {k: told[k] for k in GUARANTEE_KEYS if k in told}
+    return RunSummary(
+        server=server, t_zeta=cfg.split.t_zeta,
+        data={"name": next(iter(fed.info.values()))["name"],
+              "clients": [{"client": c, "classes": list(i["classes"]), "train": int(i["train"]),
+                           "test": int(i["test"])} for c, i in sorted(fed.info.items())]},
+        history=history, wall_seconds=wall, upload_dtype=cfg.train.upload_dtype,
+        privacy={"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm, "per_client": privacy},
+        label_agreement=None if not la else {
             "classifier": "each client's own SVM on its own images (evaluated at the client)",
             "classifier_test_accuracy": sum(acc) / len(acc), "per_client": la},
-        "sampling": {
-            "sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "images": n_img,
-            "server_evals_per_image": per_image[0], "client_evals_per_image": per_image[1],
-            "server_seconds_per_image": server_seconds / n_img, "client_seconds_per_image": client_secs / n_img,
-            "seconds_per_image": (server_seconds + client_secs) / n_img,
-            "returned_to_server": cfg.engine.return_samples,
-        },
-        "history": history,
-    }
+        sampling=Sampling(cfg.sample.sampler, cfg.sample.steps, cfg.sample.n_per_client * max(sampled, 1),
+                          per_image[0], per_image[1], server_seconds, client_secs, cfg.engine.return_samples),
+        engine={"name": "flower", "nodes": {str(c): n for c, n in sorted(fed.nodes.items())},
+                "events": fed.events, "min_clients": cfg.engine.min_clients or len(server.cuts)},
+        rejections=[{"client": c, "round": r + 1, "reason": why} for c, r, why in server.rejected])
