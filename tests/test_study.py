@@ -140,7 +140,7 @@ def test_fedavg_averages_weights_by_data_size() -> None:
         c.train_round(1)
     before = [[p.detach().clone() for p in c.trainer.model.parameters()] for c in exp.clients]
     sizes = torch.tensor([float(len(c.data.train_x)) for c in exp.clients])
-    sent = fedavg(exp.clients)
+    sent = fedavg([c.trainer for c in exp.clients], [len(c.data.train_x) for c in exp.clients])
     assert sent[0] == sum(p.numel() * 4 for p in exp.clients[0].trainer.model.parameters())
     w = sizes / sizes.sum()
     for i, p in enumerate(exp.clients[0].trainer.model.parameters()):

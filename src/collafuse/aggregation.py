@@ -9,36 +9,36 @@ from __future__ import annotations
 
 import torch
 
-from .client import Client
+from .training import Trainer
 
 
-def model_bytes(client: Client) -> int:
+def model_bytes(trainer: Trainer) -> int:
     """What one client sends per round under FedAvg: all of its weights (float32)."""
-    return sum(p.numel() * p.element_size() for p in client.trainer.model.parameters())
+    return sum(p.numel() * p.element_size() for p in trainer.model.parameters())
 
 
-def share_initial_weights(clients: list[Client]) -> None:
+def share_initial_weights(trainers: list[Trainer]) -> None:
     """FedAvg starts every client from one initialisation: client 0's."""
-    first = clients[0].trainer
-    for c in clients[1:]:
-        c.trainer.model.load_state_dict(first.model.state_dict())
-        if c.trainer.ema is not None:
-            c.trainer.ema.load_state_dict(first.ema.state_dict())
+    first = trainers[0]
+    for t in trainers[1:]:
+        t.model.load_state_dict(first.model.state_dict())
+        if t.ema is not None:
+            t.ema.load_state_dict(first.ema.state_dict())
 
 
-def fedavg(clients: list[Client]) -> list[int]:
-    """Replace every client's weights (and EMA weights) by their data-weighted mean.
+def fedavg(trainers: list[Trainer], sizes: list[int]) -> list[int]:
+    """Replace every client's weights (and EMA weights) by their mean weighted by ``sizes`` (training images).
 
     Returns the bytes each client uploaded for it.
     """
-    sizes = torch.tensor([float(len(c.data.train_x)) for c in clients])
-    w = (sizes / sizes.sum()).tolist()
-    parts = [lambda t: t.model] + ([lambda t: t.ema] if clients[0].trainer.ema is not None else [])
+    n = torch.tensor([float(s) for s in sizes])
+    w = (n / n.sum()).tolist()
+    parts = [lambda t: t.model] + ([lambda t: t.ema] if trainers[0].ema is not None else [])
     with torch.no_grad():
         for part in parts:
-            params = [list(part(c.trainer).parameters()) for c in clients]
+            params = [list(part(t).parameters()) for t in trainers]
             for tensors in zip(*params, strict=True):
                 mean = sum(wi * t for wi, t in zip(w, tensors, strict=True))
                 for t in tensors:
                     t.copy_(mean)
-    return [model_bytes(c) for c in clients]
+    return [model_bytes(t) for t in trainers]

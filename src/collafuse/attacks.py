@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .client import FreshNoise, NoiseOnce
 from .data import ClientData
-from .split import Split
+from .split import Split, posterior_mean
 from .training import Trainer
 
 DEFAULT_ROUNDS = (1, 3, 10, 30, 100, 300, 1000, 3000)
@@ -54,7 +54,7 @@ def link_radius2(split: Split, d: int, z: float | None = None) -> float:
 
     Two copies differ by sqrt(1 - abar) (eps1 - eps2), a Gaussian with variance 2 (1 - abar) per pixel.
     """
-    abar = float(split.schedule.abar[split.t_zeta])
+    abar = split.abar_cut
     return 2.0 * (1.0 - abar) * chi2_quantile(d, LINK_QUANTILE_Z if z is None else z) + 1e-9
 
 
@@ -65,18 +65,11 @@ def rounds_for(total: int, points: tuple[int, ...] = DEFAULT_ROUNDS) -> list[int
 
 def equivalent_t(split: Split, copies: float) -> int:
     """The step whose signal-to-noise ratio is that of the mean of ``copies`` noisings at t_zeta."""
-    abar = split.schedule.abar.double()
-    a = float(abar[split.t_zeta])
+    abar = split.schedule.abar
+    a = split.abar_cut
     target = copies * a / (1 - a)
     snr = abar[1:split.t_zeta + 1] / (1 - abar[1:split.t_zeta + 1])
     return int(torch.argmin((snr.log() - math.log(target)).abs())) + 1
-
-
-def posterior_mean(split: Split, eps_fn: Any, x_t: Tensor, t: int) -> Tensor:
-    """E[x_0 | x_t] from a denoiser: (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to [-1, 1]."""
-    a = float(split.schedule.abar[t])
-    eps = eps_fn(x_t, torch.full((len(x_t),), t))
-    return ((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
 
 
 def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
@@ -98,7 +91,7 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
     per_round = max(1, round(upload_size * n_pool / max(1, len(data.train_x))))
     d = int(pool.train_x[0].numel())
     radius2 = link_radius2(split, d)
-    abar = float(split.schedule.abar[split.t_zeta])
+    abar = split.abar_cut
     g = torch.Generator().manual_seed(seed)
     ups: list[Tensor] = []
     src: list[Tensor] = []

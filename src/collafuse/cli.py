@@ -149,8 +149,8 @@ def _meet_budget(cfg, target: float, tune: str):
     from . import config
     from .data import load_section
     from .errors import ConfigError
+    from .experiment import schedule_for
     from .privacy import choose_for_budget
-    from .schedule import NoiseSchedule
 
     if cfg.train.upload_policy != "once":
         raise ConfigError("--target-epsilon needs --set train.upload_policy=once: under 'fresh' every round sends "
@@ -159,7 +159,7 @@ def _meet_budget(cfg, target: float, tune: str):
         raise ConfigError("--target-epsilon sets one cut for every client: leave split.client_cuts empty")
     data = load_section(cfg.data)
     sp = cfg.split
-    abar = NoiseSchedule.from_name(sp.schedule, sp.T, sp.beta_start, sp.beta_end).abar
+    abar = schedule_for(cfg).abar
     choice = choose_for_budget(abar, sp.T, sp.t_zeta, cfg.train.clip_norm, data.channels * data.image_size ** 2,
                                target, cfg.eval.delta, tune)
     print(choice.describe(target))

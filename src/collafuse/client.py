@@ -173,7 +173,7 @@ class Client:
         """The (epsilon, delta) guarantee of everything this client has uploaded so far."""
         # without clipping, pixels in [-1, 1] bound an image's norm by sqrt(d)
         clip = self.policy.clip_norm or float(self.data.train_x[0].numel()) ** 0.5
-        abar = float(self.split.schedule.abar[self.split.t_zeta])
+        abar = self.split.abar_cut
         releases = self.policy.releases(self.sent) if self.split.server_active else 0
         return guarantee(abar, clip, releases, delta)
 

@@ -125,7 +125,8 @@ def client_cuts(cfg: Config, client_ids: list[int]) -> dict[int, int]:
     return dict(zip(client_ids, cut_list, strict=True))
 
 
-def _schedule(cfg: Config) -> NoiseSchedule:
+def schedule_for(cfg: Config) -> NoiseSchedule:
+    """The run's noise schedule, from [split]."""
     return NoiseSchedule.from_name(cfg.split.schedule, cfg.split.T, cfg.split.beta_start, cfg.split.beta_end)
 
 
@@ -140,7 +141,7 @@ def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[i
                  client_classes: dict[int, list[int]] | None = None) -> Server:
     """The server of an experiment, from the config and what it knows of the data (no images): its shape and,
     where the clients said so, each client's classes (the labels it may upload)."""
-    split = Split(_schedule(cfg), cfg.split.t_zeta)
+    split = Split(schedule_for(cfg), cfg.split.t_zeta)
     cuts = client_cuts(cfg, client_ids)
     served = sorted({t for t in cuts.values() if t < cfg.split.T})
     shared = cfg.split.server_model == "shared" and len(served) > 1
@@ -164,7 +165,7 @@ def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut
         raise DataError(f"client {d.cid} has {len(d.train_x)} training images, fewer than train.batch_size = "
                         f"{tr.batch_size}: lower train.batch_size or give the client more data")
     _, num_attributes = conditioning(cfg, spec)
-    return Client(d, Split(_schedule(cfg), cut),
+    return Client(d, Split(schedule_for(cfg), cut),
                   _trainer(cfg, spec, f"client {d.cid}", d.cid + 1) if cut > 0 else None,
                   batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
                   conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg, d.cid),
@@ -182,7 +183,7 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     clients = [build_client(cfg, data, d, cuts[d.cid]) for d in data.clients]
     server = build_server(cfg, data, ids, {c.cid: c.classes for c in data.clients})
     if cfg.train.aggregation == "fedavg":
-        share_initial_weights(clients)
+        share_initial_weights([c.trainer for c in clients])
     return Experiment(cfg, data, server.split, server, clients)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -54,3 +55,20 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def digest(*parts: object) -> str:
+    """A short deterministic name for tensors, arrays and strings (a cache key: their content, not their identity)."""
+    import numpy as np
+    import torch
+
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().contiguous().numpy()
+        if isinstance(p, np.ndarray):
+            h.update(str((p.dtype, p.shape)).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(str(p).encode())
+    return h.hexdigest()[:20]

@@ -36,11 +36,11 @@ MARK_END = "<!-- privacy-study:end -->"
 def plan(base: config_mod.Config, cuts: list[int], seeds: int, target: float, image_dim: int
          ) -> list[tuple[str, int, dict]]:
     """(setting, seed, config dict) of every run; settings are named policy_cut."""
+    from .experiment import schedule_for
     from .privacy import choose_for_budget
-    from .schedule import NoiseSchedule
 
     sp = base.split
-    abar = NoiseSchedule.from_name(sp.schedule, sp.T, sp.beta_start, sp.beta_end).abar
+    abar = schedule_for(base).abar
     jobs = []
     for seed in range(seeds):
         for cut in cuts:

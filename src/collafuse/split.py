@@ -6,8 +6,10 @@ the client owns steps 1..t_zeta, the server owns t_zeta+1..T.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,9 +83,14 @@ class Split:
     def client_active(self) -> bool:
         return self.t_zeta > 0
 
+    @property
+    def abar_cut(self) -> float:
+        """abar at the cut: the share of the image's power left in the upload x_{t_zeta} (1 at t_zeta = 0)."""
+        return float(self.schedule.abar[self.t_zeta])
+
     def signal_noise_at_cut(self) -> tuple[float, float]:
         """(signal, noise) coefficients sqrt(abar_zeta), sqrt(1 - abar_zeta) of the upload."""
-        a = float(self.schedule.abar[self.t_zeta])
+        a = self.abar_cut
         return a**0.5, (1 - a) ** 0.5
 
     def server_sample(self, eps_fn: EpsFn, x_T: Tensor, sampler: str = "ddpm", steps: int = 1000, eta: float = 0.0,
@@ -131,3 +138,10 @@ class Split:
             return self.T - self.t_zeta, self.t_zeta
         s, c = split_ddim_timesteps(self.T, self.t_zeta, steps)
         return len(s) - 1, len(c) - 1
+
+
+def posterior_mean(split: Split, eps_fn: Any, x_t: Tensor, t: int) -> Tensor:
+    """E[x_0 | x_t] from a denoiser: (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to [-1, 1]."""
+    a = float(split.schedule.abar[t])
+    eps = eps_fn(x_t, torch.full((len(x_t),), t))
+    return ((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..files import cache_dir
+from ..files import cache_dir, digest
 
 
 def open_image(path: Path):
@@ -46,7 +46,6 @@ def resize_crop(im, size: int):
 
 
 def _key(files: list[Path], size: int, channels: int) -> str:
-    from ..metrics.features import digest
 
     parts = []
     for f in files:

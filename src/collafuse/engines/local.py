@@ -138,7 +138,7 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
     uploads = [u for u in uploads if u is not None]
     sent = [u.nbytes for u in uploads]
     if tr.aggregation == "fedavg":
-        sent = fedavg(exp.clients)
+        sent = fedavg([c.trainer for c in exp.clients], [len(c.data.train_x) for c in exp.clients])
     kill_point("round")
     accepted = exp.server.accept(uploads)
     server_metrics = exp.server.train_round(accepted, r)

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attacks import posterior_mean
 from ..client import clip_l2
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
+from ..split import posterior_mean
 from .agreement import LabelClassifier
 from .distances import METRIC_LABELS, frechet_features, kid, nearest_distances, precision_recall
 from .features import ClipFeatures, DomainFeatures, Extractor, InceptionFeatures, resolve_inception
@@ -126,7 +126,7 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
                            "psnr_blind": float(psnr(blind, x0).mean()), "ssim_blind": float(ssim(blind, x0).mean())}
         uploads.append(x_t)
     x_up = torch.cat(uploads)
-    t, abar = exp.split.t_zeta, float(exp.split.schedule.abar[exp.split.t_zeta])  # the run's default cut
+    t, abar = exp.split.t_zeta, exp.split.abar_cut  # the run's default cut
     out: dict[str, Any] = {
         "t_zeta": t, "client_cuts": {str(k): v for k, v in exp.cuts.items()},
         "snr": abar / (1 - abar) if abar < 1 else math.inf, "snr_db": _snr_db(abar),

@@ -16,7 +16,6 @@ Nothing is ever downloaded: a missing file is an error that says how to provide 
 from __future__ import annotations
 
 import abc
-import hashlib
 import importlib.util
 import io
 import json
@@ -28,23 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..files import cache_dir, write_bytes_atomic
+from ..files import cache_dir, digest, write_bytes_atomic
 
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # what TF-FID's Inception sees: uint8 / 128 - 1
-
-
-def digest(*parts: object) -> str:
-    """A short deterministic name for tensors, arrays and strings."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Tensor):
-            p = p.detach().cpu().contiguous().numpy()
-        if isinstance(p, np.ndarray):
-            h.update(str((p.dtype, p.shape)).encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        else:
-            h.update(str(p).encode())
-    return h.hexdigest()[:20]
 
 
 def to_unit_uint8(x: Tensor) -> Tensor:
