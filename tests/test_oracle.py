@@ -1,11 +1,11 @@
-"""Split sampling with the closed-form optimal denoisers of Gaussian data (DESIGN.md section 2).
+"""Split sampling with the closed-form optimal denoisers of Gaussian data (docs/design.md section 3).
 
 For x_0 ~ N(mu, Sigma), x_t ~ N(sqrt(abar_t) mu, C_t) with C_t = abar_t Sigma + (1 - abar_t) I,
 and the optimal epsilon of a chain whose data is x_s is
 E[eps' | x_t] = sqrt(1 - abar'_t) C_t^{-1} (x_t - sqrt(abar_t) mu), abar'_t = abar_t / abar_s.
 
-The reference for a split sampler is the same sampler with no split (DESIGN.md: "never worse than the same
-sampler with no split"), not the true marginal: at small cuts the unsplit sampler is itself a little off,
+The reference for a split sampler is the same sampler with no split (docs/design.md section 3: "never worse
+than the same sampler with no split"), not the true marginal: at small cuts the unsplit sampler is itself a little off,
 which is its own step error, not the split's. Tolerances are derived from the sample count.
 """
 
@@ -225,7 +225,7 @@ def test_split_ddim_is_never_worse_than_unsplit(steps: int, t_zeta: int) -> None
 
 
 def test_ddim_in_tail_coordinates_would_be_worse() -> None:
-    """The trap DESIGN.md describes: DDIM on the tail epsilon without conversion drifts at the cut."""
+    """The trap docs/design.md section 3 describes: DDIM on the tail epsilon without conversion drifts at the cut."""
     schedule = NoiseSchedule.linear(T)
     t_zeta = 500
     split = Split(schedule, t_zeta)

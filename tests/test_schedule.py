@@ -112,4 +112,4 @@ def test_cut_resolution_and_description() -> None:
     assert "alone" in describe_cut(1000, 1000)
     split = Split(NoiseSchedule.linear(1000), 200)
     signal, noise = split.signal_noise_at_cut()
-    assert abs(signal - 0.81) < 0.01 and abs(noise - 0.58) < 0.01  # DESIGN.md's figures
+    assert abs(signal - 0.81) < 0.01 and abs(noise - 0.58) < 0.01  # docs/design.md section 3

@@ -7,13 +7,14 @@ small cut-point sweep and privacy study, so that a refactor can show that it cha
 
 ``make`` once with the old code; ``hash`` with the old code and again with the new one (the sweep and study
 folders made by ``make`` are reported afresh each time, so report code is compared on the same inputs); ``diff``.
-Timings (``metrics.json``, the minutes in a report) are not hashed: they differ between any two runs.
+Timings (in JSON files and reports) are left out of what is hashed: they differ between any two runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,11 @@ RUNS = {
 }
 TINY = ["split.T=100", "train.rounds=4", "train.batch_size=8", "train.upload_size=8", "engine.threads=1",
         "eval.n_per_client=8", "eval.steps=5", "eval.disclosure_images=8", "eval.inception=off"]
-# what holds timings or absolute paths, in the run folders and the reports
-SKIP = {"metrics.json", "eval.json", "sweep.json", "study.json", "config.toml"}
+# what differs between any two runs of the same code: timings, and the command line with its paths
+VOLATILE = re.compile(r"seconds|images_per_s|ended_at|wall|^command$")
+TIMES_MD = [(re.compile(r"wall time [0-9.]+ s"), "wall time <t>"),
+            (re.compile(r"^(\| (?:server|client \d+) \| )[0-9.]+( \|)", re.M), r"\1<rate>\2"),
+            (re.compile(r"[0-9.]+ s per image \(server [0-9.]+, client [0-9.]+\)"), "<time per image>")]
 
 
 def collafuse(*args: str, cwd: Path) -> None:
@@ -55,9 +59,30 @@ def make(work: Path) -> None:
               "--quiet", cwd=work)
 
 
+def steady(value: object) -> object:
+    """A JSON value without the keys that hold timings."""
+    if isinstance(value, dict):
+        return {k: steady(v) for k, v in value.items() if not VOLATILE.search(k)}
+    if isinstance(value, list):
+        return [steady(v) for v in value]
+    return value
+
+
+def content(path: Path) -> bytes:
+    """What is compared of a file: JSON without its timings, Markdown with its timings blanked, else the bytes."""
+    if path.suffix == ".json":
+        return json.dumps(steady(json.loads(path.read_text())), sort_keys=True).encode()
+    if path.suffix == ".md":
+        text = path.read_text()
+        for pattern, blank in TIMES_MD:
+            text = pattern.sub(blank, text)
+        return text.encode()
+    return path.read_bytes()
+
+
 def digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in SKIP}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(content(p)).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def hash_all(work: Path, out: Path) -> None:

@@ -7,7 +7,7 @@ own model. It never sees x_0 or the noise a client drew.
 Two attacks, each run on a client's held-out images so that the figures do not depend on what the
 models happened to memorise:
 
-* **Averaging** (DESIGN.md, "Known weakness"): the held-out images take the place of the training set
+* **Averaging** (docs/design.md section 5; docs/privacy.md): the held-out images take the place of the training set
   and are uploaded by the client's own upload policy (the real code path) at the run's rate, so that
   after r rounds each image has been sent as often as a training image would have been. The server
   links uploads whose distance is what two noisings of one image give (a chi-square bound it can

@@ -42,7 +42,7 @@ class Upload:
 class FreshNoise:
     """Upload policy of the paper's code: each round draws images and noises them afresh.
 
-    Known weakness (DESIGN.md): the server receives many noisy copies of the same image over
+    Known weakness (docs/privacy.md, "Average copies"): the server receives many noisy copies of the same image over
     rounds. Policies are pluggable so that disclosure can be measured for each.
     """
 

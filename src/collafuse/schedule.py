@@ -1,6 +1,6 @@
 """Noise schedule, forward process, the chains on either side of the cut, and DDPM/DDIM steps.
 
-Conventions (DESIGN.md section 2): timesteps are integers 1..T; ``abar[0] = 1`` so that
+Conventions (docs/design.md section 3): timesteps are integers 1..T; ``abar[0] = 1`` so that
 ``x_0`` is the data. Every per-timestep array has length ``T + 1`` and is indexed by ``t``.
 The schedule is not an ``nn.Module``; denoisers are passed in as callables
 ``eps_fn(x_t, t) -> eps_hat`` (improved-diffusion style), so one schedule serves the server

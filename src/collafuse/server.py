@@ -29,7 +29,7 @@ class Server:
     ``split.t_zeta``). The server then keeps either one tail model per distinct cut (``trainers``, keyed
     by cut: each the exact tail DDPM of its cut) or, with ``shared``, one model for every cut that
     predicts the full chain's epsilon and is trained with each upload's own tail loss
-    (:meth:`Trainer.step_shared`). With a single cut both are the one tail model of DESIGN.md.
+    (:meth:`Trainer.step_shared`). With a single cut both are the one tail model of docs/design.md section 3.
     """
 
     def __init__(self, split: Split, trainer: Trainer | None, *, image_shape: tuple[int, int, int],

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the rounds of DESIGN.md section 4, checkpointing as configured; returns the loss history."""
+    """Run the rounds of docs/design.md section 4, checkpointing as configured; returns the loss history."""
     from tqdm.auto import tqdm
 
     tr = exp.cfg.train
@@ -118,7 +118,7 @@ def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | Cli
 
 def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None, ahead: bool = False
               ) -> dict[str, Any]:
-    """One round of DESIGN.md section 4: uploads, the clients' local steps, the server's training.
+    """One round of docs/design.md section 4: uploads, the clients' local steps, the server's training.
 
     With workers and ``ahead``, round r + 1 is asked for as soon as round r's uploads are in: the clients never
     wait for the server, so a worker goes on while the server trains. Not before a checkpoint, whose client

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: one client of DESIGN.md section 4 on its own node.
+"""The Flower ClientApp: one client of docs/design.md section 4 on its own node.
 
 Its private data and denoiser never leave the node: it answers the server with the shape of its
 data, uploads x_{t_zeta} each round, and finishes the server's handover into samples that it

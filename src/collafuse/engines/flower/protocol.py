@@ -1,4 +1,4 @@
-"""The messages of DESIGN.md section 4 as Flower records, and their checked decoding.
+"""The messages of docs/design.md section 4 as Flower records, and their checked decoding.
 
 Every message the server sends carries the resolved config (``run.config``, TOML text), so that a
 node that starts or restarts mid-run can build its client from it. What a client sends back is

@@ -1,4 +1,4 @@
-"""The Flower ServerApp: the server of DESIGN.md section 4 driving its clients through a Grid.
+"""The Flower ServerApp: the server of docs/design.md section 4 driving its clients through a Grid.
 
 The rounds are the local engine's: each client trains and uploads x_{t_zeta}, the server validates
 every upload and trains on the accepted ones, and at the end it hands each client fresh x_{t_zeta}
