@@ -38,7 +38,9 @@ TINY = ["split.T=100", "train.rounds=4", "train.batch_size=8", "train.upload_siz
 VOLATILE = re.compile(r"seconds|images_per_s|ended_at|wall|^command$")
 TIMES_MD = [(re.compile(r"wall time [0-9.]+ s"), "wall time <t>"),
             (re.compile(r"^(\| (?:server|client \d+) \| )[0-9.]+( \|)", re.M), r"\1<rate>\2"),
-            (re.compile(r"[0-9.]+ s per image \(server [0-9.]+, client [0-9.]+\)"), "<time per image>")]
+            (re.compile(r"[0-9.]+ s per image \(server [0-9.]+, client [0-9.]+\)"), "<time per image>"),
+            (re.compile(r"Made by `[^`]*`( in [0-9.]+ minutes)?"), "Made by <command>"),
+            (re.compile(r"\]\([^)]*plots/"), "](plots/")]
 
 
 def collafuse(*args: str, cwd: Path) -> None:
