@@ -174,7 +174,8 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int,
     variant's workers start once and stay (idle workers wait on a pipe and use no CPU); the blocks of rounds
     alternate and never overlap; the workers' start-up is timed apart and left out of the rates.
     """
-    from collafuse.engines.local import client_workers, run_round
+    from collafuse.engines.executors import clients_executor
+    from collafuse.engines.local import run_round
 
     exps = {}
     for w in workers:
@@ -196,13 +197,13 @@ def bench_rounds(cfg: config.Config, rounds: int, reps: int,
         pools = {}
         for w, exp in exps.items():
             t0 = time.perf_counter()
-            pools[w] = stack.enter_context(client_workers(exp, reps * rounds + 1))
+            pools[w] = stack.enter_context(clients_executor(exp, reps * rounds + 1))
             run_round(exp, 0, pools[w])  # warm-up: the first steps pick their kernels
             startup[w] = time.perf_counter() - t0
         for _ in range(reps):
             for w, exp in exps.items():
                 pool = pools[w]
-                torch.set_num_threads(pool.threads if pool is not None else threads)
+                torch.set_num_threads(getattr(pool, "threads", threads))  # in process: all of them
                 images, t0 = 0, time.perf_counter()
                 last = done[w] + rounds - 1
                 for r in range(done[w], last + 1):
@@ -418,7 +419,7 @@ def bench_sampler_quality(cfg: config.Config, rounds: int, n: int, ddim_steps: l
         start = time.perf_counter()
         out = sample_clients(exp, {c.cid: n for c in exp.clients}, seed=seed, settings=settings)
         secs = time.perf_counter() - start
-        fake = [domain(out["samples"][c.cid]) for c in exp.clients]
+        fake = [domain(out.samples[c.cid]) for c in exp.clients]
         r, f = np.concatenate(real), np.concatenate(fake)
         res = compare(r, f)
         return {"domain_fid": res["frechet"], "kid": kid(r, f, subsets=50)[0], "seconds": secs}
@@ -477,7 +478,7 @@ role = sys.argv[1]
 exp = build(config.load(None, []))
 c = exp.clients[0]
 if role == "client":
-    exp.server.trainer = None  # drop the server model; the libraries dominate RSS anyway
+    exp.server = None  # drop the server model; the libraries dominate RSS anyway
     for _ in range(3):
         c.train_round(1)
     c.finish(torch.randn(64, 1, 8, 8), c.sample_labels(64))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from collafuse import config
-from collafuse.study import STUDY_OVERRIDES, execute
+from collafuse.studies.runner import STUDY_OVERRIDES, execute
 
 MODES = ("per_cut", "shared")
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cuts", default="50,200,500", help="one t_zeta per client (default 50,200,500)")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=2, help="runs at once")
     p.add_argument("--out", default="runs/server-model")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"split.server_model=\"{mode}\"", f"run.seed={seed}", "engine.threads=1",
                                      "eval.inception=\"off\"", "sample.sampler=\"ddim\"", "sample.steps=100"])
             jobs.append((mode, seed, cfg.to_dict()))
-    execute(jobs, out, args.workers, progress=True)
+    execute(jobs, out, args.parallel, progress=True)
     rows = {}
     for mode in MODES:
         evals = [json.loads((out / mode / f"seed_{s}" / "eval.json").read_text()) for s in range(args.seeds)]

@@ -152,7 +152,7 @@ def test_privacy_verb_on_a_run_with_per_client_cuts(tmp_path: Path, mode: str) -
 def test_privacy_study_writes_the_table_into_the_doc(tmp_path: Path) -> None:
     doc = tmp_path / "privacy.md"
     doc.write_text("# Privacy\n\n<!-- privacy-study:start -->\nold\n<!-- privacy-study:end -->\n\nafter\n")
-    args = ["privacy-study", "--cuts", "20", "--seeds", "1", "--workers", "2", "--out", "study", "--doc", str(doc),
+    args = ["privacy-study", "--cuts", "20", "--seeds", "1", "--parallel", "2", "--out", "study", "--doc", str(doc),
             "--quiet", *sum((["--set", o] for o in ["split.T=100", "train.rounds=4", "train.batch_size=8",
                                                      "train.upload_size=8", "eval.n_per_client=8", "eval.steps=10",
                                                      "eval.disclosure_images=8"]), [])]

@@ -96,3 +96,21 @@ def test_the_real_command_prints_one_line_and_exits_non_zero(args: list[str], tm
 def test_shipped_digits_config_is_the_default() -> None:
     root = Path(__file__).resolve().parents[1]
     assert config.load(root / "configs" / "digits.toml") == config.load()
+
+
+def test_the_flower_keys_moved_to_their_own_section_and_the_old_names_still_work(tmp_path: Path, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="collafuse.config"):
+        cfg = config.load(None, ["engine.min_clients=2", "flower.round_timeout=9"])
+    assert (cfg.flower.min_clients, cfg.flower.round_timeout) == (2, 9.0)
+    assert "engine.min_clients is now flower.min_clients" in caplog.text and "round_timeout is now" not in caplog.text
+    assert config.load(None, ["engine.min_clients=2", "flower.min_clients=1"]).flower.min_clients == 1  # new wins
+    old = tmp_path / "old.toml"  # a config (or a run folder's config.toml) from before the move
+    old.write_text("[engine]\nthreads = 1\nround_timeout = 7.0\nreturn_samples = true\n")
+    text = config.dumps(config.load(old))
+    assert "[flower]" in text and "round_timeout" not in text.split("[flower]")[0]
+    again = config.loads(text)
+    assert (again.engine.threads, again.flower.round_timeout, again.flower.return_samples) == (1, 7.0, True)
+    with pytest.raises(ConfigError, match=r"flower\.min_clients = -1 is out of range"):
+        config.load(None, ["engine.min_clients=-1"])

@@ -10,6 +10,7 @@ from collafuse.client import Upload
 from collafuse.engines.local import run
 from collafuse.errors import ConfigError
 from collafuse.experiment import build
+from collafuse.server_model import SharedModel
 from support import TINY
 
 CUTS = ["split.client_cuts=[10,40,100]"]
@@ -29,7 +30,7 @@ def test_config_checks_the_cuts() -> None:
 def test_each_client_uploads_at_its_own_cut_and_the_server_checks_it() -> None:
     exp = build(config.load(None, [*TINY, *CUTS, "split.server_model=\"per_cut\""]))
     assert [c.split.t_zeta for c in exp.clients] == [10, 40, 100]
-    assert sorted(exp.server.trainers) == [10, 40]
+    assert sorted(exp.server.model.by_cut) == [10, 40]
     ups = [c.make_upload(0) for c in exp.clients]
     assert ups[2] is None  # t_zeta = T: the client is alone
     assert [u.t_zeta for u in ups[:2]] == [10, 40]
@@ -38,16 +39,16 @@ def test_each_client_uploads_at_its_own_cut_and_the_server_checks_it() -> None:
     assert exp.server.accept([wrong]) == [] and "client's cut is 10" in exp.server.rejected[-1][2]
     alone = Upload(2, 0, 100, ups[1].x_t_zeta, ups[0].labels)  # client 2 (t_zeta = T) sends nothing
     assert exp.server.accept([alone]) == [] and "alone" in exp.server.rejected[-1][2]
-    before = {k: [p.clone() for p in t.model.parameters()] for k, t in exp.server.trainers.items()}
+    before = {k: [p.clone() for p in t.model.parameters()] for k, t in exp.server.model.by_cut.items()}
     exp.server.train_round(ups[:1])  # only the cut-10 model learns from client 0's upload
     changed = {k: any(not torch.equal(a, b) for a, b in zip(before[k], t.model.parameters(), strict=True))
-               for k, t in exp.server.trainers.items()}
+               for k, t in exp.server.model.by_cut.items()}
     assert changed == {10: True, 40: False}
 
 
 def test_shared_model_trains_every_upload_on_its_own_tail() -> None:
     exp = build(config.load(None, [*TINY, *CUTS]))  # shared is the default
-    assert exp.server.shared and list(exp.server.trainers) == [-1]
+    assert isinstance(exp.server.model, SharedModel) and list(exp.server.model.trainers()) == ["server"]
     trainer = exp.server.trainer
     seen = []
     forward = trainer.model.forward

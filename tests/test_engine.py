@@ -46,7 +46,7 @@ def test_same_seed_same_weights_and_samples(tmp_path: Path) -> None:
     s1 = sample_clients(e1, {0: 3, 2: 3})
     s2 = sample_clients(e2, {0: 3, 2: 3})
     for cid in (0, 2):
-        assert torch.equal(s1["samples"][cid], s2["samples"][cid])
+        assert torch.equal(s1.samples[cid], s2.samples[cid])
     # and another seed gives other weights
     e3, _ = _train(tmp_path / "c", ["run.seed=1"])
     assert any(not torch.equal(v, _state(e3)[k]) for k, v in _state(e1).items())
@@ -109,12 +109,14 @@ def test_a_client_thread_failure_is_raised_here(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_clients_handed_to_workers_after_some_rounds_end_the_same(tmp_path: Path) -> None:
     """The engine trains the clients itself until the workers have started; the hand-over changes nothing."""
+    from collafuse.engines.executors import InProcess
     from collafuse.engines.workers import ClientWorkers
 
     alone, h_alone = _train(tmp_path / "alone")
     exp = build(config.load(None, TINY))
     with ClientWorkers(exp.clients, 2, 1) as pool:
-        history = [local.run_round(exp, r, None) for r in (0, 1)]  # here, as if the workers were still starting
+        here = InProcess(exp.clients)
+        history = [local.run_round(exp, r, here) for r in (0, 1)]  # here, as if the workers were still starting
         assert pool.ready(wait=True) and pool.attached
         history += [local.run_round(exp, 2, pool, ahead=True), local.run_round(exp, 3, pool)]
         pool.pull(exp.clients)
@@ -139,17 +141,19 @@ def test_a_client_worker_failure_is_raised_here_and_leaves_no_process(tmp_path: 
 
 
 def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
+    from collafuse.engines import executors
+    from collafuse.engines.executors import where_clients_train
     from collafuse.engines.workers import guarded_entry, spawn_is_safe
 
-    def resolved(*sets: str, rounds: int = local.AUTO_MIN_ROUNDS) -> int:
-        return local.resolve_workers(build(config.load(None, TINY + [f"train.rounds={rounds}", *sets])))
+    def resolved(*sets: str, rounds: int = executors.AUTO_MIN_ROUNDS) -> int:
+        return where_clients_train(build(config.load(None, TINY + [f"train.rounds={rounds}", *sets])))
 
     assert config.load(None).engine.workers == "auto"
     assert not spawn_is_safe()  # pytest's main module is a file that a spawned process would run again
     assert resolved("engine.threads=2") == "thread"  # a script: a thread needs no guard
     with guarded_entry():
         assert resolved("engine.threads=2") == 1
-        assert resolved("engine.threads=2", rounds=local.AUTO_MIN_ROUNDS - 1) == "thread"  # too short for a process
+        assert resolved("engine.threads=2", rounds=executors.AUTO_MIN_ROUNDS - 1) == "thread"  # too short for a process
         assert resolved("engine.threads=1") == 0  # nothing to share out
         assert resolved("engine.threads=2", "train.aggregation='fedavg'") == 0
         assert resolved("engine.threads=2", "split.t_zeta=0") == 0  # no client trains
@@ -283,7 +287,7 @@ def test_the_two_baselines_train_and_sample(tmp_path: Path, t_zeta: str) -> None
         assert hist[-1]["server_loss"] is None and all(v is not None for v in hist[-1]["client_loss"])
         assert all(h["upload_bytes"] == [] for h in hist)
     out = sample_clients(exp, {1: 2})
-    x = out["samples"][1]
+    x = out.samples[1]
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
 
 

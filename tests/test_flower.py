@@ -37,7 +37,7 @@ from support import kill_tagged, make_certificates, make_node_key, tagged_proces
 BIN = Path(sys.executable).parent
 # small and quick, one thread everywhere so that the engines can be compared bit for bit
 FAST = ["train.rounds=3", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20", "engine.threads=1",
-        "engine.return_samples=true"]
+        "flower.return_samples=true"]
 # a deployment starts one process per message on every node (each imports torch and builds its client: about
 # 35 s a round on 2 cores), so the deployment runs two rounds: the second still trains on the first's uploads
 DEPLOY = ["train.rounds=2", *FAST[1:]]
@@ -256,7 +256,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
 @pytest.mark.slow
 def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(tmp_path):
     """SuperNode 2 is killed (SIGKILL) during the run: the rounds go on with the other two
-    (engine.min_clients = 2); restarted, it is greeted again and trains from its saved state."""
+    (flower.min_clients = 2); restarted, it is greeted again and trains from its saved state."""
     home = tmp_path / "flwr_home"
     env = quiet_env(home)
     port = free_port()
@@ -289,7 +289,7 @@ def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(t
         # one process per node (each imports torch and diffusers): 21 to 31 s a round here, but a cold first round
         # once took over 60 s, so the timeout (what the round that loses node 2 waits for it) is 120 s
         overrides = ["train.rounds=5", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20",
-                     "engine.min_clients=2", "engine.round_timeout=120"]
+                     "flower.min_clients=2", "flower.round_timeout=120"]
         run = procs.start("flwr_run", ["flwr", "run", ".", "test", "--stream", "-c",
                                        run_config(out, overrides, out / "models")], env, cwd=PROJECT)
         wait_until(lambda: rounds_done(2) >= 1, 300)
@@ -309,7 +309,7 @@ def test_deployment_goes_on_when_a_node_dies_and_takes_it_back_when_it_returns(t
         procs.stop_all()
 
 
-@pytest.mark.parametrize("extra, msg", [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),
+@pytest.mark.parametrize("extra, msg", [(["--set", "flower.min_clients=5"], "flower.min_clients = 5 is more than"),
                                         (["--set", "train.batch_size=5000"], "fewer than train.batch_size = 5000")])
 def test_flower_engine_errors_come_before_ray_starts(tmp_path, run_main, extra, msg):
     """The fast twin of the test below: the simulation engine's checks, in this process, before Ray."""
@@ -348,7 +348,7 @@ def test_the_launch_helper_starts_logs_and_stops_a_process_group(tmp_path):
 @pytest.mark.slow
 def test_flower_engine_errors_are_one_line(tmp_path):
     e = quiet_env(tmp_path / "flwr_home")
-    for extra, msg in [(["--set", "engine.min_clients=5"], "engine.min_clients = 5 is more than"),
+    for extra, msg in [(["--set", "flower.min_clients=5"], "flower.min_clients = 5 is more than"),
                        (["--set", "train.aggregation=fedavg"], "baseline of the local engine"),
                        (["--resume"], "--resume works with the local engine only"),
                        (["--set", "train.batch_size=5000"], "fewer than train.batch_size = 5000")]:

@@ -304,14 +304,15 @@ def test_two_clients_with_different_cuts_each_get_the_unsplit_sampler_of_their_o
     draw (the same noise), the unsplit sampler's on that client's data (DDPM-1000, or DDIM-50 on the split's
     timesteps), which the tests above check against the true distribution."""
     from collafuse.server import Server
+    from collafuse.server_model import SharedModel, TailModels
 
     schedule = NoiseSchedule.linear(T)
     cuts = {0: 50, 1: 400}
     # shared: one model that predicts the full chain's epsilon; per cut: each tail model its own chain's
-    trainers = ({-1: labelled_oracle(schedule, 0)} if shared
-                else {c: labelled_oracle(schedule, c) for c in cuts.values()})
-    server = Server(Split(schedule, 200), None, image_shape=(4, 1, 1), num_classes=2, client_ids=[0, 1],
-                    batch_size=64, cuts=cuts, trainers=trainers, shared=shared)
+    model = (SharedModel(schedule, labelled_oracle(schedule, 0)) if shared
+             else TailModels(schedule, {c: labelled_oracle(schedule, c) for c in cuts.values()}))
+    server = Server(Split(schedule, 200), model, image_shape=(4, 1, 1), num_classes=2, client_ids=[0, 1],
+                    batch_size=64, cuts=cuts)
     n, steps = 512, T if sampler == "ddpm" else 50
     full = schedule.chain(0, T)
     for cid, (mu, sigma) in enumerate([(MU, SIGMA), (MU2, SIGMA2)]):

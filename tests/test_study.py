@@ -24,7 +24,7 @@ def _sets(overrides: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
-    res = run_cli("sweep", "--cuts", "0,20,100", "--seeds", "2", "--workers", "2", *_sets(SWEEP),
+    res = run_cli("sweep", "--cuts", "0,20,100", "--seeds", "2", "--parallel", "2", *_sets(SWEEP),
                   "--out", str(tmp / "s"), "--quiet", cwd=tmp, timeout=600)
     assert res.returncode == 0, res.stderr
     return tmp / "s"
@@ -79,9 +79,11 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
 def test_a_finished_sweep_is_not_redone(sweep_dir: Path) -> None:
     marker = sweep_dir / "cut_0020" / "seed_0" / "eval.json"
     before = marker.stat().st_mtime_ns
+    # --workers: the old spelling of --parallel, still taken, with a warning
     res = run_cli("sweep", "--cuts", "0,20,100", "--seeds", "2", "--workers", "1", *_sets(SWEEP),
                   "--out", str(sweep_dir), "--quiet", cwd=sweep_dir.parent, timeout=300)
     assert res.returncode == 0, res.stderr
+    assert "--workers is now --parallel" in res.stderr
     assert marker.stat().st_mtime_ns == before
     other = run_cli("sweep", "--cuts", "0,50", *_sets(SWEEP), "--out", str(sweep_dir), "--quiet",
                     cwd=sweep_dir.parent)
@@ -117,6 +119,7 @@ def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: P
     (["sweep", "--cuts", "0,abc"], "not a number"),
     (["sweep", "--cuts", "0,5000"], "out of range"),
     (["sweep", "--seeds", "0"], "at least 1"),
+    (["sweep", "--parallel", "-1"], "--parallel -1: give at least 1"),
     (["report", "."], "not a sweep folder"),
     (["eval", "."], "not a run folder"),
     (["privacy-study", "--cuts", "0,100"], "every cut must send something"),
@@ -156,7 +159,7 @@ def test_fedavg_needs_client_models() -> None:
 
 
 def test_the_default_sweep_is_the_committed_study() -> None:
-    from collafuse.study import STUDY_OVERRIDES
+    from collafuse.studies.runner import STUDY_OVERRIDES
 
     root = Path(__file__).resolve().parents[1]
     assert config.load(None, STUDY_OVERRIDES).to_dict() == config.load(root / "configs" / "digits-study.toml").to_dict()
@@ -166,7 +169,7 @@ def test_a_study_made_before_new_config_keys_still_continues(tmp_path) -> None:
     import json
 
     from collafuse.errors import CollafuseError
-    from collafuse.study import check_meta
+    from collafuse.studies.runner import check_meta
 
     cfg = config.load(None, []).to_dict()
     old = json.loads(json.dumps(cfg))
@@ -185,9 +188,10 @@ def test_a_study_made_before_new_config_keys_still_continues(tmp_path) -> None:
 
 def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) -> None:
     """Fast twin of the sweep tests above: the same study, evaluation and report code in this process."""
-    from collafuse.study import report, sweep
+    from collafuse.studies.cuts import sweep
+    from collafuse.studies.cuts_report import report
 
-    out = sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, workers=1, out=tmp_path / "s", progress=False)
+    out = sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, parallel=1, out=tmp_path / "s", progress=False)
     run = out / "cut_0020" / "seed_0"
     cfg = config.load(run / "config.toml")
     assert cfg.split.t_zeta == 20 and cfg.train.rounds == 4 and cfg.run.seed == 0
@@ -195,7 +199,7 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     assert ev["t_zeta"] == 20 and "domain_fid" in ev["quality"]
     assert ev["disclosure"]["reconstruction"]["psnr"] > ev["disclosure"]["reconstruction"]["psnr_blind"]
     before = (run / "eval.json").stat().st_mtime_ns
-    sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, workers=1, out=out, progress=False)
+    sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, parallel=1, out=out, progress=False)
     assert (run / "eval.json").stat().st_mtime_ns == before  # finished runs are not redone
     text = report(out).read_text()
     assert "FID skipped" in text and (out / "plots" / "quality.png").stat().st_size > 5000

@@ -55,9 +55,9 @@ def sets(overrides: list[str]) -> list[str]:
 
 def make(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    collafuse("sweep", "--cuts", "0,20,100", "--seeds", "1", "--workers", "1", *sets(TINY), "--out", "sweep",
+    collafuse("sweep", "--cuts", "0,20,100", "--seeds", "1", "--parallel", "1", *sets(TINY), "--out", "sweep",
               "--quiet", cwd=work)
-    collafuse("privacy-study", "--cuts", "20", "--seeds", "1", "--workers", "1", *sets(TINY), "--out", "study",
+    collafuse("privacy-study", "--cuts", "20", "--seeds", "1", "--parallel", "1", *sets(TINY), "--out", "study",
               "--quiet", cwd=work)
 
 
@@ -103,7 +103,7 @@ def hash_all(work: Path, out: Path) -> None:
     before = digest(study)
     doc = fresh / "privacy.md"
     doc.write_text("<!-- privacy-study:start -->\n<!-- privacy-study:end -->\n")
-    collafuse("privacy-study", "--cuts", "20", "--seeds", "1", "--workers", "1", *sets(TINY), "--out", str(study),
+    collafuse("privacy-study", "--cuts", "20", "--seeds", "1", "--parallel", "1", *sets(TINY), "--out", str(study),
               "--doc", str(doc), "--quiet", cwd=work)
     table.update({f"study_report/{k}": v for k, v in digest(study).items() if before.get(k) != v or k.endswith(".md")})
     table["study_report/doc.md"] = hashlib.sha256(doc.read_bytes()).hexdigest()

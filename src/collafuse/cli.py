@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import CollafuseError
-from .study import DEFAULT_CUTS
+from .studies.runner import DEFAULT_CUTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-fedavg", dest="fedavg", action="store_false", help="leave out the FedAvg baseline")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key for every run of the sweep")
-    w.add_argument("--workers", type=int, default=None,
+    w.add_argument("--parallel", type=int, default=None, metavar="N",
                    help="runs at once, one thread each (default: the number of CPU cores, at most 4)")
+    w.add_argument("--workers", type=int, default=None, dest="parallel_old", help=argparse.SUPPRESS)
     w.add_argument("--quick", action="store_true",
                    help="a small sweep (cuts 0,100,200,T, 1 seed, 150 rounds, no Inception) to try things out")
     w.add_argument("--out", help="sweep folder (default: runs/sweep-<config name>-<date>-<time>); "
@@ -87,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="epsilon that sets the clip norm of the 'once + clip' policy (default 8)")
     ps.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config key for every run")
-    ps.add_argument("--workers", type=int, default=None, help="runs at once, one thread each (default: CPU cores)")
+    ps.add_argument("--parallel", type=int, default=None, metavar="N",
+                    help="runs at once, one thread each (default: the number of CPU cores, at most 4)")
+    ps.add_argument("--workers", type=int, default=None, dest="parallel_old", help=argparse.SUPPRESS)
     ps.add_argument("--out", help="study folder (default: runs/privacy-study-<date>-<time>); an existing one is "
                                   "continued")
     ps.add_argument("--report", dest="report_dir", help="where to write report.md and plots (default: the study "
@@ -203,7 +206,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--client {args.client} does not exist: this run has clients {ids}")
     out = sample_clients(exp, {args.client: args.n}, seed=args.seed, progress=not args.quiet)
     path = Path(args.out) if args.out else run_dir / "samples" / f"sample_client_{args.client}.png"
-    save_grid(out["samples"][args.client], path)
+    save_grid(out.samples[args.client], path)
     print(f"wrote {path}")
     return 0
 
@@ -241,33 +244,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from . import study
+def _parallel(args: argparse.Namespace) -> int | None:
+    """--parallel, or its old spelling --workers (which reads like engine.workers, a different thing)."""
+    if args.parallel_old is not None:
+        print("collafuse: warning: --workers is now --parallel (runs at once); the old name will go",
+              file=sys.stderr)
+        if args.parallel is None:
+            return args.parallel_old
+    return args.parallel
 
-    out = study.sweep(args.config, cuts=args.cuts, seeds=args.seeds, fedavg=args.fedavg, overrides=args.overrides,
-                      workers=args.workers, quick=args.quick, out=Path(args.out) if args.out else None,
-                      progress=not args.quiet)
-    report = study.report(out, Path(args.report_dir) if args.report_dir else None)
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .studies import cuts, cuts_report
+
+    out = cuts.sweep(args.config, cuts=args.cuts, seeds=args.seeds, fedavg=args.fedavg, overrides=args.overrides,
+                     parallel=_parallel(args), quick=args.quick, out=Path(args.out) if args.out else None,
+                     progress=not args.quiet)
+    report = cuts_report.report(out, Path(args.report_dir) if args.report_dir else None)
     print(f"done: {report}")
     return 0
 
 
 def _cmd_privacy_study(args: argparse.Namespace) -> int:
-    from . import privacy_study
+    from .studies import privacy, privacy_report
 
-    out = privacy_study.run_study(args.config, cuts=args.cuts, seeds=args.seeds, target_epsilon=args.target_epsilon,
-                                  overrides=args.overrides, workers=args.workers,
-                                  out=Path(args.out) if args.out else None, progress=not args.quiet)
-    report = privacy_study.report(out, Path(args.report_dir) if args.report_dir else None,
-                                  Path(args.doc) if args.doc else None)
+    out = privacy.run_study(args.config, cuts=args.cuts, seeds=args.seeds, target_epsilon=args.target_epsilon,
+                            overrides=args.overrides, parallel=_parallel(args),
+                            out=Path(args.out) if args.out else None, progress=not args.quiet)
+    report = privacy_report.report(out, Path(args.report_dir) if args.report_dir else None,
+                                   Path(args.doc) if args.doc else None)
     print(f"done: {report}" + (f"; table written into {args.doc}" if args.doc else ""))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from . import study
+    from .studies import cuts_report
 
-    print(f"wrote {study.report(Path(args.sweep_dir), Path(args.out) if args.out else None)}")
+    print(f"wrote {cuts_report.report(Path(args.sweep_dir), Path(args.out) if args.out else None)}")
     return 0
 
 

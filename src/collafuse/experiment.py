@@ -6,7 +6,9 @@ Engines share this, so that the engine never changes the maths.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +22,7 @@ from .faults import kill_point
 from .models import Denoiser, build_unet
 from .schedule import NoiseSchedule
 from .server import Server
+from .server_model import ServerModel, SharedModel, TailModels
 from .split import Split
 from .training import Trainer
 
@@ -46,18 +49,11 @@ class Experiment:
     @property
     def trainers(self) -> dict[str, Trainer]:
         """Every model that learns, by the name its checkpoint folder has."""
-        out = server_models(self.server)
+        out = self.server.model.trainers()
         for c in self.clients:
             if c.trainer is not None:
                 out[f"client_{c.cid}"] = c.trainer
         return out
-
-
-def server_models(server: Server) -> dict[str, Trainer]:
-    """The server's models by the name of their folder: ``server``, or ``server_cut_NNNN`` per cut."""
-    if len(server.trainers) == 1:
-        return {"server": next(iter(server.trainers.values()))}
-    return {f"server_cut_{cut:04d}": trainer for cut, trainer in server.trainers.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,17 +141,20 @@ def build_server(cfg: Config, spec: DataSpec | FederatedData, client_ids: list[i
     cuts = client_cuts(cfg, client_ids)
     served = sorted({t for t in cuts.values() if t < cfg.split.T})
     shared = cfg.split.server_model == "shared" and len(served) > 1
-    if len(served) == 1 or shared:
-        trainers = {-1 if shared else served[0]: _trainer(cfg, spec, "server", 0)}
+    model: ServerModel
+    if shared:
+        model = SharedModel(split.schedule, _trainer(cfg, spec, "server", 0))
+    elif len(served) == 1:
+        model = TailModels(split.schedule, {served[0]: _trainer(cfg, spec, "server", 0)})
     else:  # one tail model per cut; the first keeps the single-cut seeds, the others get their own
-        trainers = {t: _trainer(cfg, spec, f"server (cut {t})", 0 if k == 0 else 1000 + t)
-                    for k, t in enumerate(served)}
+        model = TailModels(split.schedule, {t: _trainer(cfg, spec, f"server (cut {t})", 0 if k == 0 else 1000 + t)
+                                            for k, t in enumerate(served)})
     num_classes, num_attributes = conditioning(cfg, spec)
     tr = cfg.train
-    return Server(split, None, image_shape=(spec.channels, spec.image_size, spec.image_size),
+    return Server(split, model, image_shape=(spec.channels, spec.image_size, spec.image_size),
                   num_classes=num_classes, num_attributes=num_attributes, client_ids=list(client_ids),
                   batch_size=tr.batch_size, epochs=tr.server_epochs, max_upload_images=max(tr.upload_size, 1),
-                  cuts=cuts, trainers=trainers, shared=shared, client_classes=client_classes)
+                  cuts=cuts, client_classes=client_classes)
 
 
 def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut: int) -> Client:
@@ -187,57 +186,87 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     return Experiment(cfg, data, server.split, server, clients)
 
 
-def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None = None,
-                   progress: bool = False, settings: object | None = None) -> dict[str, object]:
-    """Split sampling for several clients: one batched server pass, then each client finishes.
+def group_by_cut(cuts: dict[int, int], ids: Iterable[int]) -> dict[int, list[int]]:
+    """Cut -> the clients (of ``ids``, in their order) cut there: one batched server pass serves each group."""
+    groups: dict[int, list[int]] = {}
+    for cid in ids:
+        groups.setdefault(cuts[cid], []).append(cid)
+    return groups
 
-    Returns the handover images x_{t_zeta}, the final samples, and the seconds each side took.
-    """
+
+def server_handover(server: Server, counts: dict[int, int], labels: dict[int, Tensor | None], s: Any,
+                    generator: torch.Generator, after_cut: Callable[[int], None] | None = None
+                    ) -> tuple[dict[int, Tensor], float]:
+    """The server's part of sampling ``counts[cid]`` images for each client: one batched pass per cut, with the
+    sampler settings of ``s`` (a SampleSection); each client's share of it, and the seconds the passes took."""
+    parts: dict[int, Tensor] = {}
+    seconds = 0.0
+    for cut, ids in group_by_cut(server.cuts, counts).items():
+        start = time.perf_counter()
+        y = None if labels[ids[0]] is None else torch.cat([labels[cid] for cid in ids])
+        x_cut = server.handover(sum(counts[cid] for cid in ids), y, cut=cut, sampler=s.sampler, steps=s.steps,
+                                eta=s.eta, guidance=s.guidance, generator=generator)
+        if after_cut is not None:
+            after_cut(cut)
+        seconds += time.perf_counter() - start
+        offset = 0
+        for cid in ids:
+            parts[cid] = x_cut[offset:offset + counts[cid]]
+            offset += counts[cid]
+    return parts, seconds
+
+
+@dataclass
+class Sampled:
+    """What :func:`sample_clients` made, by client id."""
+
+    handover: dict[int, Tensor]  # the server's x_{t_zeta}
+    samples: dict[int, Tensor]  # what each client made of it
+    labels: dict[int, Tensor | None]  # what each was conditioned on
+    server_seconds: float  # in all
+    client_seconds: dict[int, float]
+    server_steps: int | float  # network evaluations per image (a mean where clients have different cuts)
+    client_steps: int | float
+
+
+def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None = None,
+                   progress: bool = False, settings: Any = None) -> Sampled:
+    """Split sampling for several clients: one batched server pass per cut, then each client finishes."""
     from tqdm.auto import tqdm
 
     s = exp.cfg.sample if settings is None else settings  # a SampleSection
     base = seed_for(exp.cfg, "sample") if seed is None else seed
     clients = {c.cid: c for c in exp.clients}
     labels = {cid: clients[cid].sample_labels(n) for cid, n in counts.items()}
-    groups: dict[int, list[int]] = {}  # cut -> clients: one batched server pass per cut
-    for cid in counts:
-        groups.setdefault(clients[cid].split.t_zeta, []).append(cid)
+    groups = group_by_cut(exp.server.cuts, counts)
     steps = {cut: clients[ids[0]].split.sample_steps(s.sampler, s.steps) for cut, ids in groups.items()}
     bar = tqdm(total=sum(sv + cl * len(groups[cut]) for cut, (sv, cl) in steps.items()), desc="sampling",
                unit="step", disable=not progress, leave=False)
-    g = torch.Generator().manual_seed(base)
-    handover: dict[int, Tensor] = {}
-    finished: dict[int, Tensor] = {}
-    client_seconds: dict[int, float] = {}
-    server_seconds = 0.0
-    for cut, ids in groups.items():
-        start = time.perf_counter()
-        y = None if labels[ids[0]] is None else torch.cat([labels[cid] for cid in ids])
-        x_cut = exp.server.handover(sum(counts[cid] for cid in ids), y, cut=cut, sampler=s.sampler, steps=s.steps,
-                                    eta=s.eta, guidance=s.guidance, generator=g)
+
+    def served(cut: int) -> None:
         bar.update(steps[cut][0])
         kill_point("sample")
-        server_seconds += time.perf_counter() - start
-        offset = 0
-        for cid in ids:
-            n = counts[cid]
-            part = x_cut[offset:offset + n]
-            offset += n
+
+    parts, server_seconds = server_handover(exp.server, counts, labels, s, torch.Generator().manual_seed(base),
+                                            served)
+    finished: dict[int, Tensor] = {}
+    client_seconds: dict[int, float] = {}
+    for cut, ids in groups.items():
+        for cid in ids:  # each client with its own generator: the order does not change a draw
             start = time.perf_counter()
             gc = torch.Generator().manual_seed(base + 1 + cid)
-            finished[cid] = clients[cid].finish(part, labels[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
+            finished[cid] = clients[cid].finish(parts[cid], labels[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
                                                 guidance=s.guidance, clip=s.clip, generator=gc)
             client_seconds[cid] = time.perf_counter() - start
-            handover[cid] = part.cpu()
             bar.update(steps[cut][1])
     bar.close()
+
     def per_image(side: int) -> int | float:
         """Network evaluations per image, averaged over the images when clients have different cuts."""
         v = sum(steps[clients[cid].split.t_zeta][side] * n for cid, n in counts.items()) / sum(counts.values())
         return int(v) if v.is_integer() else v
 
-    server_steps, client_steps = per_image(0), per_image(1)
-    return {"handover": {cid: handover[cid] for cid in counts}, "samples": {cid: finished[cid] for cid in counts},
-            "labels": labels, "server_seconds": server_seconds,
-            "client_seconds": {cid: client_seconds[cid] for cid in counts}, "server_steps": server_steps,
-            "client_steps": client_steps}
+    return Sampled(handover={cid: parts[cid].cpu() for cid in counts}, samples={cid: finished[cid] for cid in counts},
+                   labels=labels, server_seconds=server_seconds,
+                   client_seconds={cid: client_seconds[cid] for cid in counts}, server_steps=per_image(0),
+                   client_steps=per_image(1))

@@ -19,6 +19,7 @@ from torch import Tensor
 from .errors import ConfigError
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
+SCHEDULES = ("linear", "cosine")
 
 
 def _gather(values: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
@@ -64,12 +65,30 @@ class NoiseSchedule:
             return cls.linear(T, beta_start, beta_end)
         if name == "cosine":
             return cls.cosine(T)
-        raise ConfigError(f"split.schedule = {name!r} is unknown: use 'linear' or 'cosine'")
+        raise ConfigError(f"split.schedule = {name!r} is unknown: use one of {', '.join(SCHEDULES)}")
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor | int) -> Tensor:
         """Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         a = _gather(self.abar, t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def noise_tails(self, x_start: Tensor, cuts: Tensor, generator: torch.Generator | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Noise each ``x_start[i]`` along its own tail chain, the one above ``cuts[i]``, in one batch.
+
+        Returns (x_t, t, eps, scale): t uniform in cuts[i]+1..T, x_t = sqrt(abar'_t) x_start + sqrt(1 - abar'_t)
+        eps with abar'_t = abar_t / abar_{cut_i}, and scale = sqrt((1 - abar'_t) / (1 - abar_t)), which turns the
+        full chain's epsilon into that tail chain's (the inverse of :meth:`Chain.eps_to_full`). t is drawn
+        before eps from ``generator``.
+        """
+        n, T = x_start.shape[0], self.T
+        t = cuts + 1 + (torch.rand(n, generator=generator) * (T - cuts)).long().clamp(max=T - 1 - cuts)
+        eps = torch.randn(x_start.shape, generator=generator)
+        view = (-1,) + (1,) * (x_start.dim() - 1)
+        abar_t = self.abar[t].view(view)
+        rel = abar_t / self.abar[cuts].view(view)
+        x_t = (rel.sqrt() * x_start + (1 - rel).sqrt() * eps).float()
+        return x_t, t, eps, ((1 - rel) / (1 - abar_t)).sqrt().float()
 
     def chain(self, start: int, end: int | None = None) -> Chain:
         """The DDPM on steps start+1..end whose data is x_start (see :class:`Chain`)."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .client import UPLOAD_DTYPES, Upload
 from .errors import UploadRejected
-from .schedule import Chain, EpsFn
+from .server_model import ServerModel
 from .split import Split
 from .training import Trainer
 
@@ -23,29 +23,20 @@ MAX_SIGMAS = 12.0
 
 
 class Server:
-    """The shared part of CollaFuse. ``trainer`` is None when t_zeta = T (the server owns no step).
+    """The shared part of CollaFuse: validation of uploads, and routing them to the server's model.
 
-    Clients may choose their own cuts (``cuts``: client id -> t_zeta; default every client at
-    ``split.t_zeta``). The server then keeps either one tail model per distinct cut (``trainers``, keyed
-    by cut: each the exact tail DDPM of its cut) or, with ``shared``, one model for every cut that
-    predicts the full chain's epsilon and is trained with each upload's own tail loss
-    (:meth:`Trainer.step_shared`). With a single cut both are the one tail model of docs/design.md section 3.
+    ``split`` holds the schedule and the run's cut; clients may choose their own cuts (``cuts``: client id ->
+    t_zeta; default every client at ``split.t_zeta``). ``model`` is what the server trains
+    (:mod:`collafuse.server_model`: one tail model per cut, or one shared model for every cut).
     """
 
-    def __init__(self, split: Split, trainer: Trainer | None, *, image_shape: tuple[int, int, int],
+    def __init__(self, split: Split, model: ServerModel, *, image_shape: tuple[int, int, int],
                  num_classes: int | None, client_ids: list[int], batch_size: int, epochs: int = 1,
                  max_upload_images: int = 4096, num_attributes: int = 0, cuts: dict[int, int] | None = None,
-                 trainers: dict[int, Trainer] | None = None, shared: bool = False,
                  client_classes: dict[int, list[int]] | None = None) -> None:
         self.split = split
         self.cuts = dict(cuts) if cuts else {cid: split.t_zeta for cid in client_ids}
-        self.splits = {t: Split(split.schedule, t) for t in sorted(set(self.cuts.values()))}
-        if trainers is None:
-            trainers = {split.t_zeta: trainer} if trainer is not None else {}
-        self.trainers = trainers  # cut -> tail model, or {-1: model} when shared
-        self.shared = shared
-        self.trainer = trainer if trainer is not None else (next(iter(trainers.values())) if len(trainers) == 1
-                                                              else None)
+        self.model = model
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.num_attributes = num_attributes
@@ -58,6 +49,16 @@ class Server:
         self.client_classes = {c: set(v) for c, v in (client_classes or {}).items()}
         self.round = 0  # the round the server is in: uploads of other rounds are refused
         self._taken: dict[int, int] = {}  # images accepted from each client in this round
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """The server's model when it has exactly one (None with one tail model per cut, or none)."""
+        models = list(self.model.trainers().values())
+        return models[0] if len(models) == 1 else None
+
+    def split_for(self, cid: int) -> Split:
+        """Client ``cid``'s cut of the schedule."""
+        return Split(self.split.schedule, self.cuts[cid])
 
     @property
     def max_upload_bytes(self) -> int:
@@ -101,7 +102,7 @@ class Server:
                 raise UploadRejected(f"{who}: {n} images; between 1 and {self.max_upload_images} are allowed")
             if not bool(torch.isfinite(x).all()):
                 raise UploadRejected(f"{who}: holds NaN or infinite values")
-            signal, noise = self.splits[cut].signal_noise_at_cut()
+            signal, noise = Split(self.split.schedule, cut).signal_noise_at_cut()
             bound = signal + MAX_SIGMAS * noise
             peak = float(x.abs().max())
             if peak > bound:
@@ -173,9 +174,7 @@ class Server:
 
     def trainer_for(self, cid: int) -> Trainer | None:
         """The model that serves client ``cid`` (None if the client is alone)."""
-        if self.shared:
-            return self.trainer if self.cuts[cid] < self.split.T else None
-        return self.trainers.get(self.cuts[cid])
+        return self.model.for_cut(self.cuts[cid])
 
     def start_round(self, round_: int) -> None:
         """Enter round ``round_`` (0-based): uploads of other rounds are refused from now on."""
@@ -191,37 +190,12 @@ class Server:
             self.start_round(round_ + 1)
 
     def _train_round(self, uploads: list[Upload], round_: int) -> dict[str, float]:
-        if not self.trainers or not uploads:
+        if not self.model.trainers() or not uploads:
             return {"loss": float("nan"), "seconds": 0.0, "samples": 0}
         start = time.perf_counter()
         losses: list[float] = []
-        samples = 0
-        if self.shared:
-            samples = self._train(self.trainer, None, uploads, round_, losses)
-        else:
-            for cut, trainer in self.trainers.items():
-                group = [u for u in uploads if u.t_zeta == cut]
-                if group:
-                    samples += self._train(trainer, self.splits[cut], group, round_, losses)
+        samples = self.model.train(uploads, self.batch_size, self.epochs, f"in round {round_}", losses)
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start, "samples": samples}
-
-    def _train(self, trainer: Trainer, split: Split | None, uploads: list[Upload], round_: int,
-               losses: list[float]) -> int:
-        """``epochs`` passes over ``uploads`` in shuffled minibatches; ``split`` None: the shared model."""
-        x = torch.cat([u.x_t_zeta.float() for u in uploads])
-        y = None if uploads[0].labels is None else torch.cat([u.labels for u in uploads])
-        cuts = torch.cat([torch.full((len(u.x_t_zeta),), u.t_zeta) for u in uploads])
-        for _ in range(self.epochs):
-            order = torch.randperm(len(x), generator=trainer.generator)
-            for i in range(0, len(x), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                yb = None if y is None else y[idx]
-                where = f"in round {round_}"
-                if split is None:
-                    losses.append(trainer.step_shared(self.split.schedule, x[idx], cuts[idx], yb, where=where))
-                else:
-                    losses.append(trainer.step(split.server_chain, x[idx], yb, where=where))
-        return self.epochs * len(x)
 
     def handover(self, n: int, labels: Tensor | None, *, cut: int | None = None, sampler: str = "ddpm",
                  steps: int = 1000, eta: float = 0.0, guidance: float = 1.0,
@@ -231,25 +205,14 @@ class Server:
         ``cut`` defaults to the run's t_zeta.
         """
         cut = self.split.t_zeta if cut is None else cut
-        split = self.splits.get(cut) or Split(self.split.schedule, cut)
+        split = Split(self.split.schedule, cut)
         x_T = torch.randn((n, *self.image_shape), generator=generator)  # on the CPU: the same on every device
-        trainer = self.trainer if self.shared else self.trainers.get(cut)
+        trainer = self.model.for_cut(cut)
         if trainer is None or not split.server_active:
             return x_T
         x_T = x_T.to(trainer.device)  # sample where the model is; the client's finish returns to the CPU
-        eps_fn = trainer.eps_fn(labels, guidance)
-        if self.shared:
-            eps_fn = _tail_of_full(eps_fn, split.server_chain)
+        eps_fn = self.model.tail_eps(cut, labels, guidance)
         return split.server_sample(eps_fn, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator)
-
-
-def _tail_of_full(eps_full: EpsFn, chain: Chain) -> EpsFn:
-    """A shared model's full-chain epsilon as the tail chain's: eps_tail = eps_full / (eps_to_full factor)."""
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        e = eps_full(x, t)
-        return e / chain.eps_to_full(torch.ones_like(e), t)
-
-    return fn
 
 
 def _is_int(v: object) -> bool:

@@ -30,6 +30,9 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+# train.precision -> the dtype of the training forward under autocast (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
 class Trainer:
     """Trains one denoiser with the epsilon loss on one chain; keeps everything needed to resume."""
 
@@ -46,7 +49,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         # bfloat16 autocast of the training forward; weights, optimiser, loss and sampling stay float32
-        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
+        self.autocast_dtype = PRECISIONS[precision]
 
     @property
     def sampling_model(self) -> Denoiser:
@@ -80,15 +83,7 @@ class Trainer:
         eps_hat_tail = sqrt((1 - abar'_t) / (1 - abar_t)) eps_hat_full (see :meth:`Chain.eps_to_full`).
         """
         g = self.generator
-        n = x_start.shape[0]
-        T = schedule.T
-        t = cuts + 1 + (torch.rand(n, generator=g) * (T - cuts)).long().clamp(max=T - 1 - cuts)
-        eps = torch.randn(x_start.shape, generator=g)
-        view = (-1,) + (1,) * (x_start.dim() - 1)
-        abar_t = schedule.abar[t].view(view)
-        rel = abar_t / schedule.abar[cuts].view(view)
-        x_t = (rel.sqrt() * x_start + (1 - rel).sqrt() * eps).float()
-        scale = ((1 - rel) / (1 - abar_t)).sqrt().float()
+        x_t, t, eps, scale = schedule.noise_tails(x_start, cuts, g)
         y = self.model.drop_labels(y, g)
         x_t, t, y, scale, eps = self.to_device(x_t, t, y, scale, eps)
         self.model.train()

@@ -3,27 +3,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .. import checkpoint
 from ..aggregation import fedavg
 from ..config import Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..experiment import Experiment, build, sample_clients
 from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
 from ..split import describe_cuts
+from .executors import ClientExecutor, InProcess, clients_executor
 from .run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
-from .workers import ClientThread, ClientWorkers, spawn_is_safe
 
 log = logging.getLogger(__name__)
 
@@ -46,78 +43,24 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
             log.info("resumed from %s", ck)
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
-    with client_workers(exp, tr.rounds - start_round) as pool:
+    here = InProcess(exp.clients)
+    with clients_executor(exp, tr.rounds - start_round) as pool:
         for r in bar:
             done = r + 1
             save = done % tr.checkpoint_every == 0 or done == tr.rounds
             # until the workers have started (seconds), this process trains the clients itself, with the
             # threads it will keep: the same arithmetic either way
-            live = pool if pool is not None and pool.ready() else None
+            live = pool if pool.ready() else here
             history.append(run_round(exp, r, live, ahead=not save))
             bar.set_postfix_str(_postfix(history[-1]), refresh=False)
             if save:
-                if live is not None:
-                    pool.pull(exp.clients)
+                live.pull(exp.clients)
                 checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
     bar.close()
     return history
 
 
-AUTO_MIN_ROUNDS = 100  # a worker takes seconds to start (it imports diffusers): a short run does not win them back
-
-
-def resolve_workers(exp: Experiment) -> int | str:
-    """engine.workers as a number of processes, or ``"thread"``. ``"auto"`` trains the clients beside the
-    server where that is safe and pays: on the CPU, with at least two threads to share out (the server and
-    the clients get half each) and clients that train on their own (not fedavg). Then it is one worker
-    process for runs of at least AUTO_MIN_ROUNDS rounds (the whole run's, so that a resumed run decides as
-    the uninterrupted one did) from a program that a spawned process can import without running it again
-    (:func:`collafuse.engines.workers.spawn_is_safe`: the ``collafuse`` command, a notebook), and a thread of
-    this process otherwise (a script of yours, a short run: a thread starts at once and needs no guard).
-    Elsewhere it is 0."""
-    n = exp.cfg.engine.workers
-    if n == "thread":
-        return n
-    if n != "auto":
-        return int(n)
-    if not (exp.cfg.train.aggregation != "fedavg" and all(t.device.type == "cpu" for t in exp.trainers.values())
-            and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
-            and any(c.trainer is not None for c in exp.clients)):
-        return 0
-    return 1 if exp.cfg.train.rounds >= AUTO_MIN_ROUNDS and spawn_is_safe() else "thread"
-
-
-@contextlib.contextmanager
-def client_workers(exp: Experiment, rounds: int) -> Iterator[ClientWorkers | ClientThread | None]:
-    """engine.workers processes (or a thread) for the clients, for ``rounds`` rounds (None: they train here,
-    in turn with the server), with the threads shared out."""
-    n = resolve_workers(exp)
-    if n == 0 or rounds == 0 or not any(c.trainer is not None for c in exp.clients):
-        yield None
-        return
-    if exp.cfg.train.aggregation == "fedavg":
-        raise ConfigError(f"engine.workers = {n!r} cannot run train.aggregation = 'fedavg' (it averages the "
-                          f"clients' weights every round); set engine.workers = 0")
-    if any(t.device.type != "cpu" for t in exp.trainers.values()):
-        raise ConfigError(f"engine.workers = {n!r} trains the clients beside the server on the CPU; on a GPU set "
-                          f"engine.workers = 0")
-    before = torch.get_num_threads()
-    total = exp.cfg.engine.threads or before
-    each = max(1, total // ((1 if n == "thread" else min(n, len(exp.clients))) + 1))  # the server's share here
-    torch.set_num_threads(each)
-    if n == "thread":
-        log.info("clients train in a thread beside the server, %d intra-op thread(s) each", each)
-    else:
-        log.info("clients train in %d worker process(es) beside the server, %d thread(s) each", n, each)
-    try:
-        with (ClientThread(exp.clients, each) if n == "thread" else ClientWorkers(exp.clients, n, each)) as pool:
-            yield pool
-    finally:
-        torch.set_num_threads(before)
-
-
-def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None, ahead: bool = False
-              ) -> dict[str, Any]:
+def run_round(exp: Experiment, r: int, pool: ClientExecutor, ahead: bool = False) -> dict[str, Any]:
     """One round of docs/design.md section 4: uploads, the clients' local steps, the server's training.
 
     With workers and ``ahead``, round r + 1 is asked for as soon as round r's uploads are in: the clients never
@@ -126,15 +69,9 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
     """
     tr = exp.cfg.train
     began = time.perf_counter()
-    if pool is None:
-        client_metrics, uploads = [], []
-        for c in exp.clients:
-            client_metrics.append(c.train_round(tr.local_steps, r))
-            uploads.append(c.make_upload(r))
-    else:  # the workers train the clients while this process trains the server
-        uploads = pool.start_round(r, tr.local_steps)
-        if ahead:
-            pool.post_round(r + 1, tr.local_steps)
+    uploads = pool.start_round(r, tr.local_steps)  # beside the server, the clients go on training meanwhile
+    if ahead:
+        pool.post_round(r + 1, tr.local_steps)
     uploads = [u for u in uploads if u is not None]
     sent = [u.nbytes for u in uploads]
     if tr.aggregation == "fedavg":
@@ -142,8 +79,7 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
     kill_point("round")
     accepted = exp.server.accept(uploads)
     server_metrics = exp.server.train_round(accepted, r)
-    if pool is not None:
-        client_metrics = pool.finish_round()
+    client_metrics = pool.finish_round()
     return {
         "round": r + 1,
         "server_loss": num(server_metrics["loss"]),
@@ -152,8 +88,8 @@ def run_round(exp: Experiment, r: int, pool: ClientWorkers | ClientThread | None
         "client_seconds": [m["seconds"] for m in client_metrics],
         "client_samples": [m["samples"] for m in client_metrics],
         "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
-        "workers": 0 if pool is None else len(pool.procs),  # processes that trained the clients (0: this one)
-        "client_thread": isinstance(pool, ClientThread),  # the clients trained in a thread beside the server
+        "workers": pool.processes,  # processes that trained the clients (0: this one)
+        "client_thread": pool.in_thread,  # the clients trained in a thread beside the server
         "seconds": time.perf_counter() - began, "ended_at": time.time(),
     }
 
@@ -176,13 +112,13 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     s = exp.cfg.sample
     out = sample_clients(exp, {c.cid: s.n_per_client for c in exp.clients}, progress=progress)
     scale = max(sum(c.split.signal_noise_at_cut()) for c in exp.clients)
-    save_samples(run_dir, out["samples"], out["labels"], out["handover"], scale)
+    save_samples(run_dir, out.samples, out.labels, out.handover, scale)
     return finish(run_dir, RunSummary(
         server=exp.server, t_zeta=exp.split.t_zeta, data={"name": exp.data.name, "clients": exp.data.describe()},
         history=history, wall_seconds=wall, upload_dtype=exp.cfg.train.upload_dtype, privacy=privacy_summary(exp),
-        label_agreement=label_agreement(exp, out["samples"]),
-        sampling=Sampling(s.sampler, s.steps, s.n_per_client * len(exp.clients), out["server_steps"],
-                          out["client_steps"], out["server_seconds"], sum(out["client_seconds"].values())),
+        label_agreement=label_agreement(exp, out.samples),
+        sampling=Sampling(s.sampler, s.steps, s.n_per_client * len(exp.clients), out.server_steps,
+                          out.client_steps, out.server_seconds, sum(out.client_seconds.values())),
         train_extra={"workers": max((h.get("workers", 0) for h in history), default=0),
                      "client_thread": any(h.get("client_thread", False) for h in history)}))
 

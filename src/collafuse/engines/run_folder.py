@@ -31,7 +31,7 @@ from ..split import describe_cuts
 
 # the keys that --resume may change: only the length of training and what happens after it
 RESUMABLE = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("sample",),
-             ("eval",), ("engine", "threads"), ("engine", "workers"), ("engine", "device")}
+             ("eval",), ("engine", "threads"), ("engine", "workers"), ("engine", "device"), ("flower",)}
 
 
 def prepare(run_dir: Path, cfg: Config, resume: bool) -> None:
@@ -80,14 +80,6 @@ def rates(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     client = {"seconds": secs, "samples": n, "images_per_s": n / secs if secs > 0 else None, "final_loss": final,
               "images_per_s_per_client": per}
     return {"server": server, "client": client}
-
-
-def server_model(server: Server) -> str:
-    """What the server trains, in words."""
-    if server.shared:
-        return "one shared model for every cut (predicts the full chain's epsilon)"
-    n = len(server.trainers)
-    return "none" if n == 0 else ("one tail model" if n == 1 else f"one tail model per cut ({n})")
 
 
 @dataclass
@@ -148,7 +140,7 @@ class RunSummary:
         d.update({
             "t_zeta": self.t_zeta, "T": s.split.T,
             "cut": describe_cuts(self.t_zeta, s.split.T, list(s.cuts.values())),
-            "client_cuts": {str(k): v for k, v in s.cuts.items()}, "server_model": server_model(s),
+            "client_cuts": {str(k): v for k, v in s.cuts.items()}, "server_model": s.model.describe(),
             "signal_at_cut": signal, "noise_at_cut": noise,
             "data": self.data,
             "rounds": len(history), "wall_seconds": self.wall_seconds,

@@ -1,5 +1,6 @@
-"""Client workers for the local engine: the clients of a round train beside the server, in spawned processes
-(:class:`ClientWorkers`) or in one thread of this process (:class:`ClientThread`).
+"""Client worker processes for the local engine: the clients of a round train beside the server, in spawned
+processes (:class:`ClientWorkers`). :mod:`collafuse.engines.executors` chooses between them, a thread and this
+process.
 
 Each worker is a spawned process that owns some of the clients: the main process's own ``Client`` objects,
 sent whole, with all their state. Every round a worker makes its clients' uploads and sends them at once, so
@@ -23,9 +24,7 @@ import importlib
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import sys
-import threading
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -117,6 +116,7 @@ class ClientWorkers:
         self.groups = [list(range(i, len(clients), n)) for i in range(n)]  # client positions, round robin
         self.conns: list[Connection] = []
         self.procs: list[mp.process.BaseProcess] = []
+        self.in_thread = False
         modules = sorted({"collafuse.client"} | {type(m).__module__ for c in clients if c.trainer is not None
                                                  for m in c.trainer.model.modules()})
         try:
@@ -135,6 +135,10 @@ class ClientWorkers:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def processes(self) -> int:
+        return len(self.procs)
 
     def ready(self, wait: bool = False) -> bool:
         """Whether the workers hold the clients. Once every worker has started (at once with ``wait``), send
@@ -226,78 +230,6 @@ class ClientWorkers:
             conn.close()
 
     def __enter__(self) -> ClientWorkers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ClientThread:
-    """The clients trained in one thread of this process while the server trains in the caller's
-    (``engine.workers = "thread"``), with the same round methods as :class:`ClientWorkers`.
-
-    PyTorch lets go of the GIL inside its kernels, so two threads that each step their own model with one
-    intra-op thread keep two cores busy about as well as two processes do (``python -m benchmarks.ceiling``),
-    without a second copy of PyTorch in memory, without seconds of start-up and without the
-    ``if __name__ == "__main__":`` guard that a spawned process needs. The clients stay this process's
-    objects, so there is no state to pull back. Every model's arithmetic is that of one thread: bit for bit
-    the weights of a one-thread run without workers.
-    """
-
-    def __init__(self, clients: list[Client], threads: int) -> None:
-        self.clients = clients
-        self.threads = threads
-        self.attached = True
-        self.posted: int | None = None
-        self.procs: list[mp.process.BaseProcess] = []  # no processes
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="collafuse-clients", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        torch.set_num_threads(self.threads)  # a new thread's own OpenMP setting starts at the machine's default
-        while (job := self._todo.get()) is not None:
-            round_, steps = job
-            try:
-                self._done.put(("uploads", [c.make_upload(round_) for c in self.clients]))
-                self._done.put(("metrics", [c.train_round(steps, round_) for c in self.clients]))
-            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-                self._done.put(("error", exc))
-                return
-
-    def ready(self, wait: bool = False) -> bool:
-        return True
-
-    def post_round(self, round_: int, steps: int) -> None:
-        """Ask for round ``round_``; the thread starts it as soon as it is done with the one before."""
-        self._todo.put((round_, steps))
-        self.posted = round_
-
-    def start_round(self, round_: int, steps: int) -> list[Upload | None]:
-        """Start round ``round_`` (unless it was posted ahead); return the clients' uploads, made first."""
-        if self.posted != round_:
-            self.post_round(round_, steps)
-        return self._get()
-
-    def finish_round(self) -> list[dict[str, float]]:
-        """The clients' training metrics of the round started last."""
-        return self._get()
-
-    def _get(self) -> Any:
-        kind, payload = self._done.get()
-        if kind == "error":
-            raise payload
-        return payload
-
-    def pull(self, clients: list[Client]) -> None:
-        """Nothing to copy: the thread trains these very objects (and is idle between rounds not posted ahead)."""
-
-    def close(self) -> None:
-        self._todo.put(None)  # after any round still posted: the clients' state stays that of a whole round
-        self._thread.join()
-
-    def __enter__(self) -> ClientThread:
         return self
 
     def __exit__(self, *exc: object) -> None:

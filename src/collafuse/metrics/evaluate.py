@@ -174,7 +174,7 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
     settings = dataclasses.replace(exp.cfg.sample, sampler=ev.sampler, steps=ev.steps)
     out = sample_clients(exp, {c.cid: ev.n_per_client for c in exp.clients}, progress=progress,
                          seed=seed_for(exp.cfg, "sample") + 7, settings=settings)
-    samples: dict[int, Tensor] = out["samples"]
+    samples: dict[int, Tensor] = out.samples
     sample_seconds = time.perf_counter() - start
     feats = extractors(exp)
     quality: dict[str, Any] = {}
@@ -198,16 +198,16 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
         "missing": _missing(feats, ev.inception),
         "disclosure": disclosure(exp, feats),
         "memorisation": memorisation(exp, samples),
-        "sampling": {"server_evals_per_image": out["server_steps"], "client_evals_per_image": out["client_steps"],
-                     "client_share_of_evals": out["client_steps"] / max(1, out["client_steps"] + out["server_steps"]),
-                     "server_seconds": out["server_seconds"], "client_seconds": sum(out["client_seconds"].values()),
+        "sampling": {"server_evals_per_image": out.server_steps, "client_evals_per_image": out.client_steps,
+                     "client_share_of_evals": out.client_steps / max(1, out.client_steps + out.server_steps),
+                     "server_seconds": out.server_seconds, "client_seconds": sum(out.client_seconds.values()),
                      "seconds": sample_seconds},
     }
     if exp.cfg.model.conditional and exp.cfg.model.condition == "label" and LabelClassifier.applicable(exp.data):
         clf = LabelClassifier(exp.data)
         result["label_agreement"] = {
             "classifier_test_accuracy": clf.test_accuracy,
-            "per_client": {str(c.cid): clf.agreement(samples[c.cid], out["labels"][c.cid]) for c in exp.clients}}
+            "per_client": {str(c.cid): clf.agreement(samples[c.cid], out.labels[c.cid]) for c in exp.clients}}
     result["eval_seconds"] = time.perf_counter() - start
     if run_dir is not None:
         write_text_atomic(Path(run_dir) / "eval.json", json.dumps(result, indent=1))

@@ -2,7 +2,7 @@
 
 Its private data and denoiser never leave the node: it answers the server with the shape of its
 data, uploads x_{t_zeta} each round, and finishes the server's handover into samples that it
-evaluates itself; only metrics go back unless the run sets ``engine.return_samples``.
+evaluates itself; only metrics go back unless the run sets ``flower.return_samples``.
 """
 
 from __future__ import annotations

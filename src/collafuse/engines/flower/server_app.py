@@ -2,8 +2,8 @@
 
 The rounds are the local engine's: each client trains and uploads x_{t_zeta}, the server validates
 every upload and trains on the accepted ones, and at the end it hands each client fresh x_{t_zeta}
-to finish. Nodes may come and go: a round counts when ``engine.min_clients`` clients answered
-within ``engine.round_timeout`` seconds, and a node that (re)connects is greeted and rejoins at the
+to finish. Nodes may come and go: a round counts when ``flower.min_clients`` clients answered
+within ``flower.round_timeout`` seconds, and a node that (re)connects is greeted and rejoins at the
 next round. The run folder is the local engine's, with what the clients measured themselves.
 
 Run config (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . -c 'key=value'``):
@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from ... import config as config_mod
 from ...config import Config
 from ...errors import CollafuseError, UploadRejected
-from ...experiment import DataSpec, build_server, seed_for, server_models
+from ...experiment import DataSpec, build_server, seed_for, server_handover
 from ...privacy import GUARANTEE_KEYS
 from ...server import Server
 from ...split import describe_cuts
@@ -71,8 +71,8 @@ def check(cfg: Config) -> None:
         raise FlowerRunError(f"train.aggregation = {cfg.train.aggregation!r} is a baseline of the local engine; "
                              f"use engine.name = 'local' for it")
     n = expected_clients(cfg)
-    if cfg.engine.min_clients > n:
-        raise FlowerRunError(f"engine.min_clients = {cfg.engine.min_clients} is more than the {n} clients of the "
+    if cfg.flower.min_clients > n:
+        raise FlowerRunError(f"flower.min_clients = {cfg.flower.min_clients} is more than the {n} clients of the "
                              f"config: lower it, or 0 for every client")
 
 
@@ -181,14 +181,14 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
         announce(run_dir)
     n = expected_clients(cfg)
     cids = list(range(n))
-    need = cfg.engine.min_clients or n
+    need = cfg.flower.min_clients or n
     fed = Federation(grid, cfg, node_dir)
     log.info(describe_cuts(cfg.split.t_zeta, cfg.split.T, cfg.split.client_cuts))
-    fed.wait_for(cids, cfg.engine.wait_for_nodes)
+    fed.wait_for(cids, cfg.flower.wait_for_nodes)
     if len(fed.nodes) < need:
         why = f" (last: {fed.events[-1]})" if fed.events else ""
-        raise FlowerRunError(f"only {len(fed.nodes)} of {n} clients' nodes answered within engine.wait_for_nodes = "
-                             f"{cfg.engine.wait_for_nodes:g} s (need {need}): start one SuperNode per client with "
+        raise FlowerRunError(f"only {len(fed.nodes)} of {n} clients' nodes answered within flower.wait_for_nodes = "
+                             f"{cfg.flower.wait_for_nodes:g} s (need {need}): start one SuperNode per client with "
                              f"--node-config 'partition-id=N'{why}")
     spec = _agreed_spec(fed.info)
     server = build_server(cfg, spec, cids, {cid: [int(c) for c in fed.info[cid]["classes"]] for cid in fed.info})
@@ -198,15 +198,15 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     bar = tqdm(range(tr.rounds), desc="rounds", unit="round", disable=not progress)
     for r in bar:
         if r:
-            fed.greet(cfg.engine.round_timeout)
+            fed.greet(cfg.flower.round_timeout)
         present = [cid for cid in cids if cid in fed.nodes]
         ins = {cid: fed.content(instruction=ConfigRecord({"round": r, "local_steps": tr.local_steps,
                                                           "upload_size": tr.upload_size,
                                                           "t_zeta": server.cuts[cid]})) for cid in present}
         began = time.perf_counter()
-        replies = fed.send(TRAIN, ins, f"round {r + 1}", cfg.engine.round_timeout)
+        replies = fed.send(TRAIN, ins, f"round {r + 1}", cfg.flower.round_timeout)
         if len(replies) < need:
-            raise FlowerRunError(f"round {r + 1}: {len(replies)} of {n} clients answered (engine.min_clients = "
+            raise FlowerRunError(f"round {r + 1}: {len(replies)} of {n} clients answered (flower.min_clients = "
                                  f"{need}); see the log for why")
         history.append(_train_round(server, fed, replies, cids, r))
         history[-1].update(seconds=time.perf_counter() - began, ended_at=time.time())
@@ -257,31 +257,20 @@ def _train_round(server: Server, fed: Federation, replies: dict[int, Message], c
 def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history: list[dict[str, Any]],
             wall: float, progress: bool) -> dict[str, Any]:
     """Save the server's model, have every present client sample and evaluate, write metrics and report."""
-    for name, trainer in server_models(server).items():
+    for name, trainer in server.model.trainers().items():
         trainer.sampling_model.save(run_dir / "models" / name)
-    fed.greet(cfg.engine.round_timeout)
+    fed.greet(cfg.flower.round_timeout)
     s = cfg.sample
     asks = {cid: fed.content(request=ConfigRecord({"n": s.n_per_client})) for cid in sorted(fed.nodes)}
-    answers = fed.send(LABELS, asks, "labels", cfg.engine.round_timeout)
+    answers = fed.send(LABELS, asks, "labels", cfg.flower.round_timeout)
     labels = {cid: (to_tensor(a.content.array_records["labels"]["labels"], f"client {cid}'s labels")
                     if "labels" in a.content.array_records else None) for cid, a in sorted(answers.items())}
     base = seed_for(cfg, "sample")
-    g = torch.Generator().manual_seed(base)
-    groups: dict[int, list[int]] = {}
-    for cid in labels:
-        groups.setdefault(server.cuts[cid], []).append(cid)
-    handover: dict[int, torch.Tensor] = {}
-    server_seconds = 0.0
-    for cut, ids in groups.items():  # one batched server pass per cut, as the local engine does
-        t0 = time.perf_counter()
-        y = None if labels[ids[0]] is None else torch.cat([labels[c] for c in ids])
-        x_cut = server.handover(s.n_per_client * len(ids), y, cut=cut, sampler=s.sampler, steps=s.steps,
-                                eta=s.eta, guidance=s.guidance, generator=g).cpu()
-        server_seconds += time.perf_counter() - t0
-        for k, cid in enumerate(ids):
-            handover[cid] = x_cut[k * s.n_per_client:(k + 1) * s.n_per_client]
+    parts, server_seconds = server_handover(server, {cid: s.n_per_client for cid in labels}, labels, s,
+                                            torch.Generator().manual_seed(base))
+    handover = {cid: x.cpu() for cid, x in parts.items()}
     settings = ConfigRecord({"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "guidance": s.guidance,
-                             "clip": s.clip, "seed": base, "return_samples": cfg.engine.return_samples,
+                             "clip": s.clip, "seed": base, "return_samples": cfg.flower.return_samples,
                              "delta": cfg.eval.delta})
     jobs = {}
     for cid, x in handover.items():
@@ -289,11 +278,11 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
         if labels[cid] is not None:
             arrays["labels"] = tensor_array(labels[cid])
         jobs[cid] = fed.content(handover=ArrayRecord(arrays), sample=settings)
-    done = fed.send(FINISH, jobs, "sampling", cfg.engine.round_timeout)
+    done = fed.send(FINISH, jobs, "sampling", cfg.flower.round_timeout)
     evals = {cid: dict(done[cid].content.metric_records["metrics"]) for cid in sorted(done)}
     samples = {cid: to_tensor(done[cid].content.array_records["samples"]["x"], f"client {cid}'s samples")
                for cid in sorted(done) if "samples" in done[cid].content.array_records}
-    scale = max((sum(server.splits[server.cuts[c]].signal_noise_at_cut()) for c in samples), default=1.0)
+    scale = max((sum(server.split_for(c).signal_noise_at_cut()) for c in samples), default=1.0)
     save_samples(run_dir, samples, labels, handover, scale)
     return finish(run_dir, _summary(server, fed, cfg, history, wall, evals, done, server_seconds, len(handover)))
 
@@ -301,7 +290,7 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
 def _summary(server: Server, fed: Federation, cfg: Config, history: list[dict[str, Any]], wall: float,
              evals: dict[int, dict[str, Any]], done: dict[int, Message], server_seconds: float,
              sampled: int) -> RunSummary:
-    steps = {cid: server.splits[server.cuts[cid]].sample_steps(cfg.sample.sampler, cfg.sample.steps)
+    steps = {cid: server.split_for(cid).sample_steps(cfg.sample.sampler, cfg.sample.steps)
              for cid in fed.info}
     per_image = [sum(steps[c][side] for c in steps) / max(len(steps), 1) for side in (0, 1)]
     la = {str(c): e["label_agreement"] for c, e in evals.items() if "label_agreement" in e}
@@ -322,7 +311,7 @@ def _summary(server: Server, fed: Federation, cfg: Config, history: list[dict[st
             "classifier": "each client's own SVM on its own images (evaluated at the client)",
             "classifier_test_accuracy": sum(acc) / len(acc), "per_client": la},
         sampling=Sampling(cfg.sample.sampler, cfg.sample.steps, cfg.sample.n_per_client * max(sampled, 1),
-                          per_image[0], per_image[1], server_seconds, client_secs, cfg.engine.return_samples),
+                          per_image[0], per_image[1], server_seconds, client_secs, cfg.flower.return_samples),
         engine={"name": "flower", "nodes": {str(c): n for c, n in sorted(fed.nodes.items())},
-                "events": fed.events, "min_clients": cfg.engine.min_clients or len(server.cuts)},
+                "events": fed.events, "min_clients": cfg.flower.min_clients or len(server.cuts)},
         rejections=[{"client": c, "round": r + 1, "reason": why} for c, r, why in server.rejected])

@@ -1,0 +1,1 @@
+"""Studies: many runs of one question, and their reports (the cut-point study, the privacy study)."""
