@@ -115,6 +115,21 @@ def wait_until_gone(tag: str, timeout: float) -> dict[int, str]:
     return left
 
 
+def describe(pids) -> list[str]:
+    """For a failure message: each process's state, parent, lifeline tag and command line."""
+    out = []
+    for pid in pids:
+        try:
+            d = Path(f"/proc/{pid}")
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            line = [v for v in (d / "environ").read_bytes().split(b"\0") if v.startswith(b"COLLAFUSE_LIFELINE=")]
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            out.append(f"{pid} state={state} ppid={ppid} {line[0].decode() if line else 'no lifeline tag'} {cmd}")
+        except OSError:
+            out.append(f"{pid} gone")
+    return out
+
+
 def kill_tagged(tag: str) -> None:
     """SIGKILL whatever a failed test left running."""
     for pid in tagged_processes(tag):

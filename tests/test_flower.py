@@ -32,7 +32,7 @@ from collafuse.engines.flower.launch import (
 from collafuse.engines.flower.protocol import decode_upload, encode_upload
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
-from support import kill_tagged, make_certificates, make_node_key, tagged_processes, wait_until_gone
+from support import describe, kill_tagged, make_certificates, make_node_key, tagged_processes, wait_until_gone
 
 BIN = Path(sys.executable).parent
 # small and quick, one thread everywhere so that the engines can be compared bit for bit
@@ -418,7 +418,7 @@ def test_a_deployment_ends_when_the_process_that_started_it_is_sigkilled(tmp_pat
                                quiet_env(tmp_path / "flwr_home"))
         assert len([c for c in before.values() if "flower-supernode" in c]) == 3, before
         left = wait_until_gone(tag, 60)
-        assert left == {}, f"outlived the SIGKILLed starter: {sorted(left.values())}"
+        assert left == {}, f"outlived the SIGKILLed starter: {describe(left)}"
     finally:
         kill_tagged(tag)
 
@@ -437,6 +437,6 @@ def test_ray_ends_when_collafuse_run_engine_flower_is_sigkilled(tmp_path):
         before = _sigkill_when(cmd, tag, lambda p: _has(p, "raylet", "gcs_server", "ray::ClientAppActor"),
                                quiet_env(tmp_path / "flwr_home"))
         left = wait_until_gone(tag, 60)
-        assert left == {}, f"outlived the SIGKILLed command ({len(before)} were running): {sorted(left.values())}"
+        assert left == {}, f"outlived the SIGKILLed command ({len(before)} were running): {describe(left)}"
     finally:
         kill_tagged(tag)

@@ -11,7 +11,8 @@ ends (or closes the lifeline), the pipe reaches end-of-file and the watchdog end
 - every process whose environment carries this lifeline's tag (``COLLAFUSE_LIFELINE=<random>``, which
   children inherit and pass on): grandchildren that left the group, such as Ray's daemons and workers.
 
-SIGTERM first, then SIGKILL for whatever is left after a grace period. The tag is read from
+SIGTERM first, then SIGKILL for whatever is left after a grace period, until nothing covered has run for a
+second (a process being ended may start another). The tag is read from
 ``/proc/<pid>/environ`` (Linux); elsewhere only the registered groups are ended.
 """
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 TAG = "COLLAFUSE_LIFELINE"
 GRACE_S = 5.0  # from SIGTERM to SIGKILL
+SETTLE_S = 1.0  # nothing covered may run for this long before the watchdog ends
+GIVE_UP_S = 60.0  # SIGKILL for at most this long after the grace period
 
 
 class Lifeline:
@@ -145,18 +148,25 @@ def _watch(tag: str, grace_s: float) -> None:
                 groups.add(int(line[1:]))
             elif line[:1] == b"-":
                 groups.discard(int(line[1:]))
-    if not _signal(groups, tag, signal.SIGTERM):
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    _end(groups, tag, grace_s)
+
+
+def _end(groups: set[int], tag: str, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``, until nothing covered has run for ``SETTLE_S``: a process that
+    is being ended may start another, and a scan of /proc can miss a process that is being
+    started; one empty scan is not enough."""
+    _signal(groups, tag, signal.SIGTERM)
+    start = time.monotonic()
+    quiet_since: float | None = None
+    while (now := time.monotonic()) - start < grace_s + GIVE_UP_S:
         time.sleep(0.1)
-        if not _signal(groups, tag, 0):
+        sig = 0 if now - start < grace_s else signal.SIGKILL
+        if _signal(groups, tag, sig):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= SETTLE_S:
             return
-    # SIGKILL until nothing is left: a process may start another while it is being ended
-    for _ in range(50):
-        if not _signal(groups, tag, signal.SIGKILL):
-            return
-        time.sleep(0.1)
 
 
 if __name__ == "__main__":
