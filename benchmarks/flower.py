@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from collafuse.engines.flower.launch import (
+from benchmarks.launch import (
     BIN,
     PROJECT,
     Processes,

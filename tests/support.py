@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 
 # Small but real settings: the same code paths as the default run, sized to take seconds.
+# Runs that are compared bit for bit with other runs (same seed, resume against straight, engine against
+# engine) opt into upload noise seeded from the config: by default every client draws secret seeds of its own.
+REPRODUCIBLE = 'train.upload_noise="reproducible"'
+
 TINY = [
     "split.T=100", "split.t_zeta=20", "train.rounds=4", "train.batch_size=8", "train.upload_size=8",
     "train.checkpoint_every=2", "sample.n_per_client=4", "sample.sampler=ddim", "sample.steps=10",
@@ -62,6 +66,7 @@ class InProcessGrid:
                                                                     **(node_config or {})}, RecordDict(), {})
                          for i in range(num_nodes)}
         self.sent: list = []  # every message, for tests that look at what crossed
+        self.received: list = []  # every reply
 
     def __enter__(self) -> InProcessGrid:
         """Stand in for the runtime around the ServerApp: Flower's messages take their run and sender from the
@@ -90,6 +95,7 @@ class InProcessGrid:
                 replies.append(self.app(m, self.contexts[m.metadata.dst_node_id]))
             except Exception as exc:  # a SuperNode reports a failing ClientApp as an error reply
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+        self.received += replies
         return replies
 
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+from benchmarks.__main__ import bench_communication
 
-import pytest  # noqa: E402
-from benchmarks.__main__ import bench_communication  # noqa: E402
-
-from collafuse import config  # noqa: E402
+from collafuse import config
 
 
 def test_communication_counts_the_real_upload_bytes() -> None:

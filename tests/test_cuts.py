@@ -11,7 +11,7 @@ from collafuse.engines.local import run
 from collafuse.errors import ConfigError
 from collafuse.experiment import build
 from collafuse.server_model import SharedModel
-from support import TINY
+from support import REPRODUCIBLE, TINY
 
 CUTS = ["split.client_cuts=[10,40,100]"]
 
@@ -67,9 +67,10 @@ def test_shared_model_trains_every_upload_on_its_own_tail() -> None:
 
 
 def test_a_run_with_per_client_cuts_resumes_exactly(tmp_path) -> None:
-    cfg = config.load(None, [*TINY, *CUTS])
+    """Resumed against straight, bit for bit: in the reproducible upload-noise mode (two runs)."""
+    cfg = config.load(None, [*TINY, *CUTS, REPRODUCIBLE])
     full = run(cfg, tmp_path / "full", progress=False)
-    half = config.load(None, [*TINY, *CUTS, "train.rounds=2"])
+    half = config.load(None, [*TINY, *CUTS, REPRODUCIBLE, "train.rounds=2"])
     run(half, tmp_path / "resumed", progress=False)
     resumed = run(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert [h["server_loss"] for h in resumed["history"]] == [h["server_loss"] for h in full["history"]]

@@ -91,6 +91,25 @@ def test_bad_features_are_refused_clearly() -> None:
         frechet(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (3, 1, 28, 28), (2, 3, 64, 48)])
+def test_ssim_equals_scikit_image(shape) -> None:
+    """Ours (batched, in torch) against scikit-image's reference implementation with Wang et al.'s settings:
+    an 11-tap Gaussian window of sigma 1.5, population covariances, the valid region only. Both work in
+    float64, so they agree to rounding. (Images under 11 pixels, where ours narrows the window, have no
+    scikit-image equivalent: its Gaussian window is always 11 taps.)"""
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(shape, generator=g)).clamp(-1, 1)
+    ours = ssim(x, y)
+    for i in range(shape[0]):
+        a, b = ((x[i] + 1) / 2).double().numpy(), ((y[i] + 1) / 2).double().numpy()
+        ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                    data_range=1.0, channel_axis=0)
+        assert float(ours[i]) == pytest.approx(ref, abs=1e-6)  # ours returns float32: 1e-6 is its rounding
+
+
 def test_psnr_and_ssim() -> None:
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     # an offset of 0.2 in [-1, 1] is 0.1 on the [0, 1] scale: MSE 0.01, 20 dB

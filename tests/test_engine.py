@@ -11,11 +11,12 @@ from collafuse import checkpoint, config
 from collafuse.engines import local, run_folder
 from collafuse.errors import CheckpointError, ConfigError
 from collafuse.experiment import build, sample_clients
-from support import TINY
+from support import REPRODUCIBLE, TINY
 
 
 def _train(run_dir: Path, overrides: list[str] = (), resume: bool = False):
-    cfg = config.load(None, TINY + list(overrides))
+    """A small run; upload noise from the config (reproducible mode), so that runs compare bit for bit."""
+    cfg = config.load(None, [*TINY, REPRODUCIBLE, *overrides])
     run_folder.prepare(run_dir, cfg, resume)
     exp = build(cfg)
     history = local.train(exp, run_dir, resume=resume, progress=False)
@@ -113,7 +114,7 @@ def test_clients_handed_to_workers_after_some_rounds_end_the_same(tmp_path: Path
     from collafuse.engines.workers import ClientWorkers
 
     alone, h_alone = _train(tmp_path / "alone")
-    exp = build(config.load(None, TINY))
+    exp = build(config.load(None, [*TINY, REPRODUCIBLE]))
     with ClientWorkers(exp.clients, 2, 1) as pool:
         here = InProcess(exp.clients)
         history = [local.run_round(exp, r, here) for r in (0, 1)]  # here, as if the workers were still starting

@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from collafuse import config
-from collafuse.client import Upload
-from collafuse.engines.flower.launch import (
+from benchmarks.launch import (
     PROJECT,
     Processes,
     flwr,
@@ -29,15 +25,30 @@ from collafuse.engines.flower.launch import (
     wait_http,
     write_connection,
 )
+from safetensors.torch import load_file
+
+from collafuse import config
+from collafuse.client import Upload
 from collafuse.engines.flower.protocol import decode_upload, encode_upload
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
-from support import describe, kill_tagged, make_certificates, make_node_key, tagged_processes, wait_until_gone
+from support import (
+    REPRODUCIBLE,
+    describe,
+    kill_tagged,
+    make_certificates,
+    make_node_key,
+    tagged_processes,
+    wait_until_gone,
+)
 
 BIN = Path(sys.executable).parent
-# small and quick, one thread everywhere so that the engines can be compared bit for bit
+# small and quick, one thread everywhere and upload noise from the config (the reproducible mode: a Flower node
+# takes it from its own node config or environment, which `collafuse run --engine flower` sets from this key),
+# so that the engines can be compared bit for bit
 FAST = ["train.rounds=3", "sample.n_per_client=8", "sample.sampler=ddim", "sample.steps=20", "engine.threads=1",
-        "flower.return_samples=true"]
+        "flower.return_samples=true", REPRODUCIBLE]
+NODE_REPRODUCIBLE = "reproducible-uploads=true"  # a deployed node's own opt-in (node config)
 # a deployment starts one process per message on every node (each imports torch and builds its client: about
 # 35 s a round on 2 cores), so the deployment runs two rounds: the second still trains on the first's uploads
 DEPLOY = ["train.rounds=2", *FAST[1:]]
@@ -108,14 +119,15 @@ def test_a_malformed_upload_is_refused_and_leaves_the_server_untouched(tmp_path)
     assert_same_weights(flower, alone, "server")
 
 
-def serve_in_process(run: Path, overrides: list[str]) -> dict:
-    """The ServerApp's ``serve`` and the real ClientApp, over an in-process grid of three nodes."""
+def serve_in_process(run: Path, overrides: list[str], node_config: dict | None = None) -> dict:
+    """The ServerApp's ``serve`` and the real ClientApp, over an in-process grid of three nodes (by default
+    nodes that opt into reproducible upload noise, to compare with the local engine)."""
     from collafuse.engines.flower.client_app import app as client_app
     from collafuse.engines.flower.server_app import serve
     from support import InProcessGrid
 
     cfg = config.load(None, overrides)
-    with InProcessGrid(client_app, 3) as grid:
+    with InProcessGrid(client_app, 3, {"reproducible-uploads": "true"} if node_config is None else node_config) as grid:
         return serve(grid, cfg, run, node_dir=str(run / "models"), progress=False)
 
 
@@ -230,7 +242,7 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
             r = flwr(["supernode", "register", str(pub), "test"], env)
             assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
         for i, (priv, _) in enumerate(keys):
-            procs.start(f"node{i}", supernode_args(port, i % 3, ca=certs["ca"], key=priv), env)
+            procs.start(f"node{i}", supernode_args(port, i % 3, ca=certs["ca"], key=priv, extra=NODE_REPRODUCIBLE), env)
         intruder = procs.procs["node3"]
         assert intruder.wait(timeout=120) != 0  # the unregistered node is refused and gives up
         assert "Failed to activate SuperNode" in procs.log("node3")
@@ -364,8 +376,9 @@ def test_flower_engine_errors_are_one_line(tmp_path):
 _STARTER = """
 import sys, time
 from pathlib import Path
-from collafuse.engines.flower.launch import (PROJECT, Processes, free_port, quiet_env, run_config, superlink_args,
-                                             supernode_args, wait_http, write_connection)
+sys.path.insert(0, sys.argv[2])  # the checkout, for its benchmarks package
+from benchmarks.launch import (PROJECT, Processes, free_port, quiet_env, run_config, superlink_args,
+                               supernode_args, wait_http, write_connection)
 tmp = Path(sys.argv[1])
 env = quiet_env(tmp / "flwr_home")
 port = free_port()
@@ -412,7 +425,7 @@ def test_a_deployment_ends_when_the_process_that_started_it_is_sigkilled(tmp_pat
 
     tag = uuid.uuid4().hex
     try:
-        before = _sigkill_when([sys.executable, "-c", _STARTER, str(tmp_path)], tag,
+        before = _sigkill_when([sys.executable, "-c", _STARTER, str(tmp_path), str(PROJECT)], tag,
                                lambda p: _has(p, "flower-superlink", "flower-supernode", "flower-superexec",
                                               "flwr-serverapp", "flwr-clientapp", "flwr run"),
                                quiet_env(tmp_path / "flwr_home"))

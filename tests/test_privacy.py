@@ -76,8 +76,11 @@ def test_once_never_sends_two_noisings_of_one_image() -> None:
     bank = client.policy.bank(client.data, client.split).flatten(1)
     assert all((bank == u).all(dim=1).any() for u in unique)  # each copy is that image's single release
     assert client.privacy(1e-5).releases == 1
-    # a rebuilt client (as on resume) has the very same copies
+    # a rebuilt client has other copies (its own secret seeds), until it is given the first one's state (as on
+    # resume): then the very same ones
     _, again = _uploads("once", 1)
+    assert not torch.equal(again.policy.bank(again.data, again.split), client.policy.bank(client.data, client.split))
+    again.load_upload_state(client.upload_state())
     assert torch.equal(again.policy.bank(again.data, again.split), client.policy.bank(client.data, client.split))
 
 

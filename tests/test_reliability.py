@@ -23,18 +23,20 @@ from collafuse.engines import local, run_folder
 from collafuse.errors import CheckpointError, UploadRejected
 from collafuse.experiment import build
 from collafuse.training import NonFiniteLoss
-from support import TINY, FakeFinite, run_cli, wait_until_gone
+from support import REPRODUCIBLE, TINY, FakeFinite, run_cli, wait_until_gone
 
 SETS = [a for o in TINY for a in ("--set", o)]
 
 
 def _run(out: Path, *extra: str, kill_at: str | None = None, env_extra: dict[str, str] | None = None
          ) -> subprocess.CompletedProcess:
+    """The command on the small run, with upload noise from the config (the reproducible mode): a killed and
+    resumed run is compared bit for bit with an uninterrupted one, which draws its own seeds otherwise."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if kill_at:
         env["COLLAFUSE_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "collafuse.cli", "run", *SETS, "--out", str(out), "--quiet",
-                           *extra], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "collafuse.cli", "run", *SETS, "--set", REPRODUCIBLE, "--out",
+                           str(out), "--quiet", *extra], capture_output=True, text=True, env=env, timeout=300)
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:

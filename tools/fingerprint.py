@@ -23,7 +23,11 @@ from pathlib import Path
 # small runs that between them go through every server model and handover: the default (a tail model, DDPM),
 # per-client cuts with one tail model per cut or one shared full-chain server model, each under DDIM and DDPM
 # (the shared model's epsilon is converted at the handover), and the once policy with clipping
-SMALL = ["train.rounds=6", "train.batch_size=16", "train.upload_size=16", "sample.n_per_client=6", "engine.threads=1"]
+# upload noise from the config (the reproducible mode): by default every client draws secret seeds, and two runs
+# differ (so the tool compares versions that both have train.upload_noise)
+NOISE = 'train.upload_noise="reproducible"'
+SMALL = ["train.rounds=6", "train.batch_size=16", "train.upload_size=16", "sample.n_per_client=6", "engine.threads=1",
+         NOISE]
 RUNS = {
     "default": [],
     "per_cut_ddim": ["split.client_cuts=[50, 200, 400]", "split.server_model=\"per_cut\"", "sample.sampler=ddim",
@@ -33,7 +37,7 @@ RUNS = {
     "once_clip": ["train.upload_policy=\"once\"", "train.clip_norm=4.0"],
 }
 TINY = ["split.T=100", "train.rounds=4", "train.batch_size=8", "train.upload_size=8", "engine.threads=1",
-        "eval.n_per_client=8", "eval.steps=5", "eval.disclosure_images=8", "eval.inception=off"]
+        "eval.n_per_client=8", "eval.steps=5", "eval.disclosure_images=8", "eval.inception=off", NOISE]
 # what differs between any two runs of the same code: timings, and the command line with its paths
 VOLATILE = re.compile(r"seconds|images_per_s|ended_at|wall|^command$")
 TIMES_MD = [(re.compile(r"wall time [0-9.]+ s"), "wall time <t>"),

@@ -15,6 +15,13 @@ models happened to memorise:
   noise of K copies averages down by sqrt(K); under ``once`` every copy is the same, so averaging
   gains nothing. Reported as PSNR and SSIM against rounds, plain and after the client's own denoiser
   at the noise level the average has (the best denoiser an attacker could hope for).
+* **Regeneration** (the positive control of secret upload noise, docs/privacy.md "Whose noise"): the server
+  recomputes a client's upload noise from what it holds, the config and this source code, by replaying the
+  client's upload code with the seeds the config gives on a stand-in of zeros of the client's size (which the
+  client tells it), and subtracts it: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar). It recovers the images
+  exactly when the noise is reproducible from the config, and gets a doubled noise when it is secret. It is
+  run on the client's first real upload, remade from the client's own seeds (which only the harness, playing
+  the client, holds), against the best honest estimate from the same upload.
 * **Membership inference** against the server's model: the loss of the server's denoiser on an
   image's noised copies, lower for images it was trained on. Training images against held-out ones,
   ROC AUC with a bootstrap spread (0.5: the model reveals nothing about membership).
@@ -138,18 +145,59 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
     return rows
 
 
+def regenerate(cfg: Any, cid: int, split: Split, n_train: int, image_shape: tuple[int, ...], upload: Tensor,
+               upload_size: int) -> Tensor:
+    """The server's regeneration of a client's first upload: x_0 estimates from the upload and what the server
+    holds (the config, the client's cut and its number of training images; no secret of the client's)."""
+    from .data import ClientData
+    from .experiment import config_noise_seeds, make_policy
+
+    seeds = config_noise_seeds(cfg, cid)
+    zeros = ClientData(cid, torch.zeros((n_train, *image_shape)), torch.zeros(n_train, dtype=torch.long),
+                       torch.zeros((0, *image_shape)), torch.zeros(0, dtype=torch.long))
+    policy = make_policy(cfg, seeds.once)
+    # the draw Client.make_upload makes, on zeros: what it returns is sqrt(1 - abar) eps alone
+    noise, _, _ = policy.draw(zeros, upload_size, split, torch.Generator().manual_seed(seeds.upload))
+    return ((upload.float() - noise) / math.sqrt(split.abar_cut)).clamp(-1, 1)
+
+
+def regeneration_attack(c: Any, cfg: Any) -> dict[str, Any] | None:
+    """The regeneration attack on client ``c``'s first upload, beside the best honest estimate from it: the
+    blind guess (the mean image), the upload rescaled, and the posterior mean under the client's own denoiser.
+    PSNR and SSIM against the image that was noised (after clipping, which is what the upload releases)."""
+    from .client import UPLOAD_DTYPES, clip_l2
+    from .experiment import make_policy
+    from .metrics.evaluate import psnr, ssim
+
+    split = c.split
+    if not split.server_active:
+        return None
+    n = cfg.train.upload_size
+    # the client's first upload, as it made and sent it: its own seeds, its own data, the wire's dtype
+    policy = make_policy(cfg, c.seeds.once)
+    x_t, _, idx = policy.draw(c.data, n, split, torch.Generator().manual_seed(c.seeds.upload))
+    x_t = x_t.to(UPLOAD_DTYPES[cfg.train.upload_dtype])
+    truth = clip_l2(c.data.train_x[idx].float(), policy.clip_norm)
+    got = regenerate(cfg, c.cid, split, len(c.data.train_x), tuple(c.data.train_x.shape[1:]), x_t, n)
+    honest = {"blind": c.data.train_x.float().mean(0, keepdim=True).expand_as(truth),
+              "rescaled": (x_t.float() / math.sqrt(split.abar_cut)).clamp(-1, 1)}
+    if c.trainer is not None:
+        y = c.condition("train", idx)
+        with torch.no_grad():
+            honest["client_denoiser"] = posterior_mean(split, c.trainer.eps_fn(y, 1.0), x_t.float(), split.t_zeta)
+    scores = {k: float(psnr(v, truth).mean()) for k, v in honest.items()}
+    best = max(scores, key=scores.get)
+    return {"psnr": float(psnr(got, truth).mean()), "ssim": float(ssim(got, truth).mean()), "images": n,
+            "honest_psnr": scores, "best_honest": best, "best_honest_psnr": scores[best],
+            "best_honest_ssim": float(ssim(honest[best], truth).mean()), "noise": c.seeds.mode}
+
+
 def roc_auc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
-    """P(score of a member > score of a non-member), ties counting half (the Mann-Whitney statistic)."""
-    allv = np.concatenate([scores_in, scores_out])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    for v in np.unique(allv):  # average ranks over ties
-        tie = allv == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    n1, n0 = len(scores_in), len(scores_out)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """P(score of a member > score of a non-member), ties counting half: scikit-learn's ROC AUC with the
+    members as the positive class."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.ones(len(scores_in)), np.zeros(len(scores_out))], np.r_[scores_in, scores_out]))
 
 
 def loss_scores(trainer: Trainer, split: Split, x0: Tensor, y: Tensor | None, *, draws: int, seed: int,
@@ -203,7 +251,7 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
     import time
     from pathlib import Path
 
-    from .experiment import make_policy
+    from .experiment import make_policy, seed_for
     from .files import write_text_atomic
     from .metrics.evaluate import psnr, ssim
 
@@ -221,9 +269,11 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
             "blind": {"psnr": float(psnr(blind, c.data.test_x).mean()),
                       "ssim": float(ssim(blind, c.data.test_x).mean())},
             # a fresh policy object: the client's own holds the noised copies of its training images
-            "averaging": averaging_attack(c.data, split, make_policy(cfg, c.cid), upload_size=cfg.train.upload_size,
+            "averaging": averaging_attack(c.data, split, make_policy(cfg, seed_for(cfg, "once", c.cid)),
+                                          upload_size=cfg.train.upload_size,
                                           rounds=rounds, seed=cfg.eval.seed + c.cid, denoiser=c.trainer,
                                           conditions=c.condition("test")),
+            "regeneration": regeneration_attack(c, cfg),
             "membership": membership_inference(exp.server.trainer_for(c.cid), split, c.data,
                                                conditional=c.conditional, seed=cfg.eval.seed + c.cid,
                                                attributes=c.attributes),
@@ -275,6 +325,11 @@ def table(result: dict[str, Any]) -> str:
              f"{result['upload_size']} uploads per client and round, {result['run_rounds']} rounds)"]
     for cid, v in result["per_client"].items():
         lines.append(f"client {cid}, t_zeta = {v['t_zeta']}: {v['guarantee']['text']}")
+        rg = v.get("regeneration")
+        if rg:
+            lines.append(f"  regeneration of its first upload from the config ({rg['noise']} noise): "
+                         f"{rg['psnr']:.1f} dB (best honest estimate from the same upload: {rg['best_honest']} "
+                         f"{rg['best_honest_psnr']:.1f} dB; above 60 dB = the images recovered exactly)")
         rows = v["averaging"]
         if rows:
             head = "  averaging attack: " + ", ".join(

@@ -6,6 +6,7 @@ Flower ClientApp.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,45 @@ from .split import Split
 from .training import Trainer
 
 UPLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# train.upload_noise: where a client's upload noise comes from (docs/privacy.md, "Whose noise")
+NOISE_MODES = ("secret", "reproducible")
+
+
+@dataclass(frozen=True)
+class NoiseSeeds:
+    """The seeds of a client's upload noise: its upload stream's and its ``once`` copies'.
+
+    By default each is 64 bits from the operating system's secure random source, drawn when the client
+    first starts and kept in its private state only (so a resumed run continues the same streams): the
+    server, which holds the config, cannot recompute the noise and so cannot subtract it. The reproducible
+    mode (``secret = False``) computes them from the run's config instead, for tests, benchmarks and
+    studies: then the uploads can be undone by anyone who holds the config, and no privacy figure holds.
+    """
+
+    upload: int
+    once: int
+    secret: bool
+
+    @classmethod
+    def draw(cls) -> NoiseSeeds:
+        return cls(secrets.randbits(64), secrets.randbits(64), True)
+
+    def to_tensor(self) -> Tensor:
+        """As int64 (two's complement for seeds of 2^63 and above), for a safetensors file."""
+        return torch.tensor([_signed(self.upload), _signed(self.once), int(self.secret)], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> NoiseSeeds:
+        upload, once, secret = (int(v) for v in t.tolist())
+        return cls(upload % 2**64, once % 2**64, bool(secret))
+
+    @property
+    def mode(self) -> str:
+        return "secret" if self.secret else "reproducible"
+
+
+def _signed(v: int) -> int:
+    return v - 2**64 if v >= 2**63 else v
 
 
 @dataclass(frozen=True)
@@ -49,6 +89,9 @@ class FreshNoise:
     name = "fresh"
     clip_norm = 0.0  # no clipping: the accounting uses the images' own bound
 
+    def reseed(self, seed: int) -> None:
+        """Nothing to do: fresh noise comes from the client's upload stream."""
+
     def draw(self, data: ClientData, n: int, split: Split, generator: torch.Generator
              ) -> tuple[Tensor, Tensor, Tensor]:
         """(x_{t_zeta}, labels, indices of the training images sent)."""
@@ -76,7 +119,8 @@ class NoiseOnce:
 
     Every image then passes through one Gaussian mechanism (sensitivity 2 sqrt(abar) C, noise
     sqrt(1 - abar)); sending the same noisy copy again is post-processing and costs no privacy.
-    The copies are made from their own seed, so a resumed run uploads the very same ones.
+    The copies are made from their own seed (the client's, :class:`NoiseSeeds`), so a resumed run uploads
+    the very same ones.
     """
 
     name = "once"
@@ -85,6 +129,11 @@ class NoiseOnce:
         self.clip_norm = clip_norm
         self.seed = seed
         self._bank: Tensor | None = None
+
+    def reseed(self, seed: int) -> None:
+        """Make the copies from ``seed`` (the client's ``once`` seed); drops copies made from another."""
+        if seed != self.seed:
+            self.seed, self._bank = seed, None
 
     def bank(self, data: ClientData, split: Split) -> Tensor:
         """The single x_{t_zeta} of every training image, in training-set order."""
@@ -111,7 +160,8 @@ class Client:
 
     def __init__(self, data: ClientData, split: Split, trainer: Trainer | None, *, batch_size: int,
                  upload_size: int, upload_dtype: str = "float32", conditional: bool = True,
-                 attributes: bool = False, policy: FreshNoise | NoiseOnce | None = None, seed: int = 0) -> None:
+                 attributes: bool = False, policy: FreshNoise | NoiseOnce | None = None,
+                 seeds: NoiseSeeds | None = None) -> None:
         self.data = data
         self.cid = data.cid
         self.split = split
@@ -122,8 +172,10 @@ class Client:
         self.conditional = conditional
         self.attributes = attributes  # condition on multi-hot attribute vectors instead of class labels
         self.policy = policy or FreshNoise()
-        # the stream for uploads is separate from training's so that both are reproducible alone
-        self.upload_generator = torch.Generator().manual_seed(seed)
+        # the stream for uploads is separate from training's, and seeded by the client alone (NoiseSeeds)
+        self.upload_generator = torch.Generator()
+        self.seeds = seeds or NoiseSeeds.draw()
+        self._use_seeds(self.seeds)
         # how often each training image has been uploaded: the privacy accounting needs it
         self.sent = torch.zeros(len(data.train_x), dtype=torch.int64)
 
@@ -141,17 +193,31 @@ class Client:
         return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start,
                 "samples": steps * self.batch_size}
 
+    def _use_seeds(self, seeds: NoiseSeeds) -> None:
+        self.seeds = seeds
+        self.upload_generator.manual_seed(seeds.upload)
+        self.policy.reseed(seeds.once)
+
+    def upload_state(self) -> dict[str, Tensor]:
+        """The client's private upload state (for its own checkpoint or node folder, never the server's): its
+        noise seeds, the upload stream's position and the upload counts."""
+        return {"noise": self.seeds.to_tensor(), "upload": self.upload_generator.get_state(), "sent": self.sent.clone()}
+
+    def load_upload_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`upload_state` returned."""
+        self._use_seeds(NoiseSeeds.from_tensor(state["noise"]))
+        self.upload_generator.set_state(state["upload"])
+        self.sent = state["sent"].clone()
+
     def state(self) -> dict:
-        """What a round changes: the trainer's state, the upload stream and the upload counts."""
-        return {"trainer": None if self.trainer is None else self.trainer.state(),
-                "upload_rng": self.upload_generator.get_state(), "sent": self.sent.clone()}
+        """What a round changes: the trainer's state and the upload state."""
+        return {"trainer": None if self.trainer is None else self.trainer.state(), **self.upload_state()}
 
     def load_state(self, state: dict) -> None:
         """Restore what :meth:`state` returned."""
         if self.trainer is not None:
             self.trainer.load_state(state["trainer"])
-        self.upload_generator.set_state(state["upload_rng"])
-        self.sent.copy_(state["sent"])
+        self.load_upload_state(state)
 
     def make_upload(self, round_: int) -> Upload | None:
         """x_{t_zeta} of a fresh batch (and its labels); None when the server owns no step."""
@@ -175,7 +241,7 @@ class Client:
         clip = self.policy.clip_norm or float(self.data.train_x[0].numel()) ** 0.5
         abar = self.split.abar_cut
         releases = self.policy.releases(self.sent) if self.split.server_active else 0
-        return guarantee(abar, clip, releases, delta)
+        return guarantee(abar, clip, releases, delta, reproducible=not self.seeds.secret)
 
     def sample_labels(self, n: int) -> Tensor | None:
         """What a client asks the server to condition on: its own classes (or attribute vectors), in turn."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import UPLOAD_DTYPES, UPLOAD_POLICIES
+from .client import NOISE_MODES, UPLOAD_DTYPES, UPLOAD_POLICIES
 from .data.base import DATASETS
 from .errors import ConfigError
 from .files import write_text_atomic
@@ -127,6 +127,10 @@ class TrainSection:
     precision: str = _key("float32", lambda v, c: v in PRECISIONS, _one_of(PRECISIONS))
     # "once": each image noised a single time (see docs/privacy.md)
     upload_policy: str = _key("fresh", lambda v, c: v in UPLOAD_POLICIES, _one_of(UPLOAD_POLICIES))
+    # "secret": each client seeds its upload noise from the OS's secure random source and keeps the seeds in
+    # its own state; "reproducible": seeded from run.seed, so the server can recompute x_0 (tests, studies).
+    # A Flower node ignores this key (the server sends the config) and takes its own node config instead.
+    upload_noise: str = _key("secret", lambda v, c: v in NOISE_MODES, _one_of(NOISE_MODES))
     # per-image L2 clip of x_0 before noising for "once" (0: none; bound sqrt(C*H*W))
     clip_norm: float = _key(0.0, lambda v, c: v >= 0, ">= 0 (0: no clipping)")
     # "fedavg": average the clients' models after every round (baseline)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import share_initial_weights
-from .client import UPLOAD_POLICIES, Client
+from .client import UPLOAD_POLICIES, Client, NoiseSeeds
 from .config import Config
 from .data import ClientData, FederatedData, load_section
 from .errors import ConfigError, DataError
@@ -89,12 +89,23 @@ def build_denoiser(cfg: Config, data: DataSpec | FederatedData, seed: int) -> De
         return Denoiser(net, num_classes, cfg.model.cond_dropout, num_attributes)
 
 
-def make_policy(cfg: Config, cid: int) -> object:
-    """The configured upload policy of client ``cid``."""
+def make_policy(cfg: Config, seed: int = 0) -> object:
+    """The configured upload policy (``seed``: of the ``once`` copies; a client reseeds it with its own)."""
     tr = cfg.train
     if tr.upload_policy == "once":
-        return UPLOAD_POLICIES["once"](tr.clip_norm, seed=seed_for(cfg, "once", cid))
+        return UPLOAD_POLICIES["once"](tr.clip_norm, seed=seed)
     return UPLOAD_POLICIES[tr.upload_policy]()
+
+
+def config_noise_seeds(cfg: Config, cid: int) -> NoiseSeeds:
+    """The noise seeds of client ``cid`` computed from the config: the reproducible mode's, and what a server that
+    holds the config can compute (the regeneration attack)."""
+    return NoiseSeeds(seed_for(cfg, "upload", cid), seed_for(cfg, "once", cid), secret=False)
+
+
+def noise_seeds(cfg: Config, cid: int) -> NoiseSeeds:
+    """A new client's noise seeds: secret, drawn now (the default), or from the config (train.upload_noise)."""
+    return config_noise_seeds(cfg, cid) if cfg.train.upload_noise == "reproducible" else NoiseSeeds.draw()
 
 
 @dataclass(frozen=True)
@@ -167,8 +178,8 @@ def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut
     return Client(d, Split(schedule_for(cfg), cut),
                   _trainer(cfg, spec, f"client {d.cid}", d.cid + 1) if cut > 0 else None,
                   batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
-                  conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg, d.cid),
-                  seed=seed_for(cfg, "upload", d.cid))
+                  conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg),
+                  seeds=noise_seeds(cfg, d.cid))
 
 
 def build(cfg: Config, data: FederatedData | None = None) -> Experiment:

@@ -20,7 +20,8 @@ from typing import Any
 from .errors import ConfigError
 
 VACUOUS_EPSILON = 10.0  # beyond this an (epsilon, delta) guarantee says little about reconstruction
-GUARANTEE_KEYS = ("epsilon", "delta", "releases", "noise_multiplier", "clip_norm", "accountant", "vacuous", "text")
+GUARANTEE_KEYS = ("epsilon", "delta", "releases", "noise_multiplier", "clip_norm", "accountant", "vacuous",
+                  "reproducible", "text")
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,19 @@ class Guarantee:
     releases: int  # how many noisy copies of the most-exposed image the server received
     clip_norm: float
     accountant: str
+    # the upload noise can be recomputed from the config (train.upload_noise = "reproducible"): the figures are
+    # what the noise would give if it were secret, and hold against no one who holds the config
+    reproducible: bool = False
 
     @property
     def vacuous(self) -> bool:
-        return not self.epsilon <= VACUOUS_EPSILON
+        return self.reproducible or not self.epsilon <= VACUOUS_EPSILON
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, whether the guarantee is vacuous, and the sentence that says what it means (for JSON)."""
         d = {"epsilon": self.epsilon, "delta": self.delta, "releases": self.releases,
              "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "accountant": self.accountant,
-             "vacuous": self.vacuous, "text": self.describe()}
+             "vacuous": self.vacuous, "reproducible": self.reproducible, "text": self.describe()}
         assert tuple(d) == GUARANTEE_KEYS
         return d
 
@@ -52,10 +56,28 @@ class Guarantee:
         text = (f"({self.epsilon:.3g}, {self.delta:g})-DP per image against the server ({self.releases} "
                 f"release(s) of the most-exposed image, noise multiplier {self.noise_multiplier:.3g}, clip norm "
                 f"{self.clip_norm:.3g}; {self.accountant} accountant)")
+        if self.reproducible:
+            return ("NO guarantee: the upload noise is reproducible from the config (train.upload_noise = "
+                    "'reproducible'), so the server can recompute x_0; with secret noise it would be " + text)
         if self.vacuous:
             text += (f"; epsilon above {VACUOUS_EPSILON:g} is a vacuous guarantee: it does not rule out "
                      f"reconstruction")
         return text
+
+
+def noise_mode_line(mode: str) -> str:
+    """The one line every run folder and report gives about its upload noise."""
+    if mode == "secret":
+        return ("upload noise: secret (each client drew its noise seeds from the operating system's secure "
+                "random source and keeps them in its own state; the server cannot recompute them)")
+    return ("upload noise: REPRODUCIBLE from the config (train.upload_noise = 'reproducible'): anyone who holds "
+            "the config, the server included, can recompute every upload's noise and x_0; the privacy figures "
+            "do not hold")
+
+
+def upload_noise(per_client: dict[str, dict[str, Any]]) -> str:
+    """The run's upload-noise mode from its clients' guarantees: reproducible if any client's noise is."""
+    return "reproducible" if any(v.get("reproducible") for v in per_client.values()) else "secret"
 
 
 def noise_multiplier(abar: float, clip_norm: float) -> float:
@@ -65,8 +87,9 @@ def noise_multiplier(abar: float, clip_norm: float) -> float:
     return math.sqrt(1.0 - abar) / (2.0 * math.sqrt(abar) * clip_norm)
 
 
-def guarantee(abar: float, clip_norm: float, releases: int, delta: float) -> Guarantee:
-    """(epsilon, delta) of ``releases`` independent Gaussian releases of one clipped image."""
+def guarantee(abar: float, clip_norm: float, releases: int, delta: float, reproducible: bool = False) -> Guarantee:
+    """(epsilon, delta) of ``releases`` independent Gaussian releases of one clipped image; ``reproducible``:
+    the noise is not secret (then the figures hold against no one who holds the config)."""
     import dp_accounting as dpa
     from dp_accounting.pld import PLDAccountant
     from dp_accounting.rdp import RdpAccountant
@@ -75,7 +98,7 @@ def guarantee(abar: float, clip_norm: float, releases: int, delta: float) -> Gua
     if releases == 0:
         return Guarantee(0.0, delta, z, 0, clip_norm, "none")
     if z == 0.0:
-        return Guarantee(math.inf, delta, z, releases, clip_norm, "none")
+        return Guarantee(math.inf, delta, z, releases, clip_norm, "none", reproducible)
     # The library's GaussianDpEvent(z) is a mechanism whose neighbouring outputs differ by 1 in L2 under
     # noise z; ours differ by at most 2 sqrt(abar) C under noise sigma: the same privacy loss as z = sigma / Delta.
     event = dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(z), releases) if releases > 1 else dpa.GaussianDpEvent(z)
@@ -84,7 +107,7 @@ def guarantee(abar: float, clip_norm: float, releases: int, delta: float) -> Gua
     else:  # tiny multipliers make the PLD grid enormous; RDP is a little looser and instant
         acc, name = RdpAccountant(), "RDP"
     acc.compose(event)
-    return Guarantee(float(acc.get_epsilon(delta)), delta, z, releases, clip_norm, name)
+    return Guarantee(float(acc.get_epsilon(delta)), delta, z, releases, clip_norm, name, reproducible)
 
 
 @dataclass(frozen=True)

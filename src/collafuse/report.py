@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .files import write_bytes_atomic, write_text_atomic
+from .privacy import noise_mode_line
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -157,7 +158,10 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 def privacy_table(pv: dict) -> list[str]:
     """Each client's (epsilon, delta) against the server as Markdown lines: a table, not a sentence a client."""
-    lines = ["", f"Privacy against the server (upload policy `{pv['policy']}`; per image, for everything uploaded):",
+    mode = pv.get("upload_noise")
+    lines = ["", noise_mode_line(mode) if mode else "upload noise: seeded from the config (a run made before "
+             "collafuse had secret upload noise): the privacy figures below do not hold against the server", "",
+             f"Privacy against the server (upload policy `{pv['policy']}`; per image, for everything uploaded):",
              "", "| client | policy | releases | noise multiplier | epsilon | delta | verdict |",
              "|---|---|---|---|---|---|---|"]
     for c, v in pv["per_client"].items():
@@ -166,6 +170,8 @@ def privacy_table(pv: dict) -> list[str]:
             verdict = "nothing released: no cost"
         elif eps is None or math.isinf(eps):
             verdict = "no guarantee: raw images sent (t_zeta = 0)"
+        elif v.get("reproducible"):
+            verdict = "none: the upload noise is reproducible from the config"
         elif v.get("vacuous"):
             verdict = "vacuous: does not rule out reconstruction"
         else:

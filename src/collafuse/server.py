@@ -211,8 +211,8 @@ class Server:
         if trainer is None or not split.server_active:
             return x_T
         x_T = x_T.to(trainer.device)  # sample where the model is; the client's finish returns to the CPU
-        eps_fn = self.model.tail_eps(cut, labels, guidance)
-        return split.server_sample(eps_fn, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator)
+        return split.server_sample(self.model.eps(cut, labels, guidance), x_T, sampler=sampler, steps=steps, eta=eta,
+                                   generator=generator, predicts=self.model.predicts)
 
 
 def _is_int(v: object) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .client import Upload
-from .schedule import Chain, EpsFn, NoiseSchedule
+from .schedule import EpsFn, NoiseSchedule
 from .training import Trainer
 
 SERVER_MODELS = ("per_cut", "shared")  # split.server_model: TailModels, SharedModel
@@ -23,6 +23,8 @@ SERVER_MODELS = ("per_cut", "shared")  # split.server_model: TailModels, SharedM
 
 class ServerModel(abc.ABC):
     """The server's denoiser(s) for the steps above each client's cut."""
+
+    predicts = "tail"  # whose epsilon :meth:`eps` gives: the tail chain's above the cut, or the full chain's
 
     def __init__(self, schedule: NoiseSchedule) -> None:
         self.schedule = schedule
@@ -41,8 +43,9 @@ class ServerModel(abc.ABC):
         returns the number of images seen."""
 
     @abc.abstractmethod
-    def tail_eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
-        """The epsilon of the tail chain above ``cut``, conditioned on ``labels``."""
+    def eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
+        """The model's epsilon for a client at ``cut``, conditioned on ``labels``, in the coordinates that
+        ``predicts`` names (:meth:`Split.server_sample` takes either)."""
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -74,7 +77,7 @@ class TailModels(ServerModel):
                                 lambda x, y, _, tr=trainer, ch=chain: tr.step(ch, x, y, where=where))
         return samples
 
-    def tail_eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
+    def eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
         return self.by_cut[cut].eps_fn(labels, guidance)
 
     def describe(self) -> str:
@@ -84,6 +87,8 @@ class TailModels(ServerModel):
 
 class SharedModel(ServerModel):
     """One model for every cut below T, predicting the full chain's epsilon."""
+
+    predicts = "full"
 
     def __init__(self, schedule: NoiseSchedule, trainer: Trainer) -> None:
         super().__init__(schedule)
@@ -99,8 +104,8 @@ class SharedModel(ServerModel):
         return _fit(self.trainer, uploads, batch_size, epochs, losses,
                     lambda x, y, cuts: self.trainer.step_shared(self.schedule, x, cuts, y, where=where))
 
-    def tail_eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
-        return _tail_of_full(self.trainer.eps_fn(labels, guidance), self.schedule.chain(cut, self.schedule.T))
+    def eps(self, cut: int, labels: Tensor | None, guidance: float) -> EpsFn:
+        return self.trainer.eps_fn(labels, guidance)
 
     def describe(self) -> str:
         return "one shared model for every cut (predicts the full chain's epsilon)"
@@ -120,11 +125,3 @@ def _fit(trainer: Trainer, uploads: list[Upload], batch_size: int, epochs: int, 
             losses.append(step(x[idx], None if y is None else y[idx], cuts[idx]))
     return epochs * len(x)
 
-
-def _tail_of_full(eps_full: EpsFn, chain: Chain) -> EpsFn:
-    """A shared model's full-chain epsilon as the tail chain's: eps_tail = eps_full / (eps_to_full factor)."""
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        e = eps_full(x, t)
-        return e / chain.eps_to_full(torch.ones_like(e), t)
-
-    return fn

@@ -94,15 +94,19 @@ class Split:
         return a**0.5, (1 - a) ** 0.5
 
     def server_sample(self, eps_fn: EpsFn, x_T: Tensor, sampler: str = "ddpm", steps: int = 1000, eta: float = 0.0,
-                      generator: torch.Generator | None = None,
-                      progress: Callable[[int], None] | None = None) -> Tensor:
-        """Denoise x_T ~ N(0, I) down to the handover x_{t_zeta}. ``eps_fn`` is the tail epsilon."""
+                      generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None,
+                      predicts: str = "tail") -> Tensor:
+        """Denoise x_T ~ N(0, I) down to the handover x_{t_zeta}. ``eps_fn`` predicts the tail chain's epsilon
+        (a tail model's training target), or the full chain's with ``predicts="full"`` (a shared model's)."""
         chain = self.server_chain
+        if predicts not in ("tail", "full"):
+            raise ValueError(f"predicts = {predicts!r}: use 'tail' or 'full'")
 
         def eps_full(x: Tensor, t: Tensor) -> Tensor:
             return chain.eps_to_full(eps_fn(x, t), t)
 
-        return self._sample(0, chain, eps_full, x_T, sampler, steps, eta, generator, None, progress)
+        return self._sample(0, chain, eps_full if predicts == "tail" else eps_fn, x_T, sampler, steps, eta, generator,
+                            None, progress)
 
     def client_sample(self, eps_fn: EpsFn, x_t_zeta: Tensor, sampler: str = "ddpm", steps: int = 1000,
                       eta: float = 0.0, generator: torch.Generator | None = None, clip: float | None = None,

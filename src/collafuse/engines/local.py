@@ -18,6 +18,7 @@ from ..experiment import Experiment, build, sample_clients
 from ..faults import kill_point
 from ..files import write_text_atomic
 from ..metrics import LabelClassifier
+from ..privacy import upload_noise
 from ..split import describe_cuts
 from .executors import ClientExecutor, InProcess, clients_executor
 from .run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
@@ -129,7 +130,7 @@ def privacy_summary(exp: Experiment) -> dict[str, Any]:
     per = {}
     for c in exp.clients:
         per[str(c.cid)] = c.privacy(exp.cfg.eval.delta).to_dict()
-    return {"policy": tr.upload_policy, "clip_norm": tr.clip_norm, "per_client": per}
+    return {"policy": tr.upload_policy, "clip_norm": tr.clip_norm, "upload_noise": upload_noise(per), "per_client": per}
 
 
 def label_agreement(exp: Experiment, samples: dict[int, Any]) -> dict[str, Any] | None:

@@ -43,6 +43,8 @@ def plan(base: config_mod.Config, cuts: list[int], seeds: int, fedavg: bool) -> 
             d["run"]["seed"] = base.run.seed + seed
             d["split"]["t_zeta"] = T if cut == FEDAVG else cut
             d["train"]["aggregation"] = "fedavg" if cut == FEDAVG else "none"
+            # one machine plays every party, and a rerun must give the same figures: noise from the config
+            d["train"]["upload_noise"] = "reproducible"
             cost = 3 if cut == FEDAVG else (0 < cut) * len(base.data.clients) + (cut < T)
             jobs.append((cost, setting_name(cut), base.run.seed + seed, d))
     jobs.sort(key=lambda j: -j[0])

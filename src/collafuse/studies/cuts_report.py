@@ -142,6 +142,11 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     return names
 
 
+# every run of a sweep takes its upload noise from the config (studies.cuts.plan)
+NOISE_LINE = ("Upload noise: reproducible from the config (the study plays every party on one machine, and a rerun "
+              "gives the same figures); it says nothing about privacy, which this study does not measure.")
+
+
 def report(sweep_dir: Path, out: Path | None = None) -> Path:
     """Plots and report.md for a sweep folder, written to ``out`` (default: the sweep folder)."""
     sweep_dir = Path(sweep_dir)
@@ -162,6 +167,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
         f"`{cfg['model']['preset']}`; T = {cfg['split']['T']} ({cfg['split']['schedule']}). Metrics on "
         f"{cfg['eval']['n_per_client']} samples per client ({cfg['eval']['sampler']}-{cfg['eval']['steps']}) against "
         f"each client's held-out images; pooled = all clients together. Values are mean ± sd over seeds.", "",
+        NOISE_LINE, "",
         "## Quality", "",
         "| t_zeta | " + " | ".join(METRIC_LABELS[m] for m in metrics)
         + " | KID x1e3 (domain) | precision | recall | label agreement |",

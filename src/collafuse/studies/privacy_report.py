@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import CollafuseError
 from ..files import write_text_atomic
+from ..privacy import noise_mode_line
 from .privacy import POLICY_LABELS, collect, summarise
 
 MARK_START = "<!-- privacy-study:start -->"
@@ -79,6 +80,7 @@ def report(study_dir: Path, out: Path | None = None, doc: Path | None = None) ->
         f"`{cfg['model']['preset']}`, T = {cfg['split']['T']}, {meta['seeds']} seed(s) per setting; "
         f"'once + clip' clips every image to the L2 norm that makes epsilon = {meta['target_epsilon']:g}. "
         "Mean ± sd over seeds and clients unless said otherwise.", "",
+        noise_mode_line(tr.get("upload_noise", "reproducible")).capitalize() + ".", "",
         "**Guarantee per image against the server** (the most-exposed image of any client; delta = "
         f"{rows[0]['delta']:g}):", "",
         "| t_zeta | policy | clip norm | releases | noise multiplier | epsilon |", "|---|---|---|---|---|---|"]

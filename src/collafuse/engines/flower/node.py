@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ...client import Client
 from ...config import Config
 from ...data import FederatedData, load_section
 from ...errors import CheckpointError, ConfigError
-from ...experiment import DataSpec, build_client, client_cuts
+from ...experiment import DataSpec, build_client, client_cuts, config_noise_seeds
 from ...files import cache_dir, replace_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class NodeClient:
     spec: DataSpec
     folder: Path
     digest: str
+    cfg: Config
     rounds_done: int = 0
 
 
@@ -58,8 +60,26 @@ def partition_id(node_config: dict) -> int:
         raise ConfigError(f"node config partition-id = {node_config['partition-id']!r} must be an integer") from exc
 
 
+REPRODUCIBLE_ENV = "COLLAFUSE_REPRODUCIBLE_UPLOADS"  # =1: this node's upload noise from the config (opt-in)
+
+
+def upload_noise_of(node_config: dict) -> str:
+    """This node's upload-noise mode, from its own settings only: node config ``reproducible-uploads=true``, or
+    the environment variable COLLAFUSE_REPRODUCIBLE_UPLOADS=1 of its processes (``collafuse run --engine
+    flower`` sets it where the run's config asks, since there one machine plays every party). Never from the
+    config the server sends: a server could switch the clients' noise to one it can recompute."""
+    flag = str(node_config.get("reproducible-uploads", os.environ.get(REPRODUCIBLE_ENV, ""))).strip().lower()
+    if flag in ("", "0", "false", "no"):
+        return "secret"
+    if flag in ("1", "true", "yes"):
+        return "reproducible"
+    raise ConfigError(f"node config reproducible-uploads = {flag!r}: use true or false")
+
+
 def node_config_for(cfg: Config, node_config: dict) -> Config:
-    """The run's config with what this node sets for itself: where its data is, how many threads."""
+    """The run's config with what this node sets for itself: where its data is, how many threads, and whether
+    its upload noise is secret (the default, whatever the server's config says) or reproducible."""
+    cfg.train.upload_noise = upload_noise_of(node_config)
     if node_config.get("data-root"):
         cfg.data.root = str(node_config["data-root"])
     if node_config.get("threads"):
@@ -100,7 +120,7 @@ def open_client(config_text: str, digest: str, node_config: dict, hint: str, run
         raise ConfigError(f"partition-id {cid} names no client: the config has clients {ids[0]}..{ids[-1]}")
     spec = DataSpec.of(data)
     client = build_client(cfg, spec, data.clients[ids.index(cid)], client_cuts(cfg, ids)[cid])
-    nc = NodeClient(client, spec, state_folder(node_config, hint, run_id, cid), digest)
+    nc = NodeClient(client, spec, state_folder(node_config, hint, run_id, cid), digest, cfg)
     _restore(nc)
     if data.partition is not None and not (nc.folder / "partition.json").exists():
         # which images this client holds: the node's business, kept beside its state, never sent
@@ -134,8 +154,11 @@ def _restore(nc: NodeClient) -> None:
     if c.trainer is not None:
         c.trainer.load(nc.folder)
     streams = load_file(str(nc.folder / "streams.safetensors"))
-    c.upload_generator.set_state(streams["upload"])
-    c.sent = streams["sent"].clone()
+    if "noise" not in streams:  # written before clients kept noise seeds: they were the config's
+        streams["noise"] = config_noise_seeds(nc.cfg, c.cid).to_tensor()
+        log.warning("client %d: %s predates secret upload noise; its uploads stay reproducible from the config",
+                    c.cid, nc.folder)
+    c.load_upload_state(streams)
     nc.rounds_done = int(state["rounds_done"])
     log.info("client %d: restored after %d rounds from %s", c.cid, nc.rounds_done, nc.folder)
 
@@ -150,7 +173,7 @@ def save(nc: NodeClient) -> None:
         c = nc.client
         if c.trainer is not None:
             c.trainer.save(tmp)  # the denoiser in diffusers' format, beside its full training state
-        save_file({"upload": c.upload_generator.get_state(), "sent": c.sent}, str(tmp / "streams.safetensors"))
+        save_file(c.upload_state(), str(tmp / "streams.safetensors"))  # with the noise seeds: this node's only
         write_text_atomic(tmp / "node_state.json", json.dumps({"rounds_done": nc.rounds_done, "digest": nc.digest,
                                                           "client": c.cid}))
         for keep in ("partition.json", "samples.png"):  # what the node wrote beside its state

@@ -28,7 +28,7 @@ from ... import config as config_mod
 from ...config import Config
 from ...errors import CollafuseError, UploadRejected
 from ...experiment import DataSpec, build_server, seed_for, server_handover
-from ...privacy import GUARANTEE_KEYS
+from ...privacy import GUARANTEE_KEYS, upload_noise
 from ...server import Server
 from ...split import describe_cuts
 from ..run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
@@ -306,7 +306,8 @@ def _summary(server: Server, fed: Federation, cfg: Config, history: list[dict[st
               "clients": [{"client": c, "classes": list(i["classes"]), "train": int(i["train"]),
                            "test": int(i["test"])} for c, i in sorted(fed.info.items())]},
         history=history, wall_seconds=wall, upload_dtype=cfg.train.upload_dtype,
-        privacy={"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm, "per_client": privacy},
+        privacy={"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm,
+                 "upload_noise": upload_noise(privacy), "per_client": privacy},
         label_agreement=None if not la else {
             "classifier": "each client's own SVM on its own images (evaluated at the client)",
             "classifier_test_accuracy": sum(acc) / len(acc), "per_client": la},

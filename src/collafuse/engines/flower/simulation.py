@@ -43,6 +43,7 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True,
         raise CollafuseError("engine.name = 'flower' needs Flower with its simulation runtime: "
                              "pip install 'collafuse[flower]'") from exc
     from .client_app import app as client_app
+    from .node import REPRODUCIBLE_ENV
     from .server_app import check, expected_clients, serve
 
     check(cfg)
@@ -70,18 +71,25 @@ def run(cfg: Config, run_dir: Path, *, progress: bool = True,
     if not log.isEnabledFor(logging.DEBUG):  # Flower's own chatter (and its run_simulation deprecation notice)
         flwr_log.setLevel(logging.ERROR)
     lifeline = Lifeline()
-    outer = os.environ.get(TAG)  # a tag of the caller's (the test session's lifeline), put back afterwards
+    outer = {k: os.environ.get(k) for k in (TAG, REPRODUCIBLE_ENV)}  # the caller's, put back afterwards
     os.environ[TAG] = lifeline.tag  # Ray starts its daemons and workers with this process's environment
+    # one machine plays every party here, so the run's config may opt the (virtual) nodes into reproducible
+    # upload noise; a deployed node takes it from its own node config only (node.upload_noise_of)
+    if cfg.train.upload_noise == "reproducible":
+        os.environ[REPRODUCIBLE_ENV] = "1"
+    else:
+        os.environ.pop(REPRODUCIBLE_ENV, None)
     try:
         with warnings.catch_warnings():  # Ray's tip about a default it will change, amid our progress bars
             warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
     finally:
         flwr_log.setLevel(level)
-        if outer is None:
-            os.environ.pop(TAG, None)
-        else:
-            os.environ[TAG] = outer
+        for k, v in outer.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         lifeline.close()  # whatever Ray left running
     if "error" in result:
         raise result["error"]

@@ -1,6 +1,8 @@
 """Start Flower's processes on this machine and stop them by pid: a SuperLink, SuperNodes, ``flwr run``.
 
-The tests and the benchmark use it to run a real deployment on localhost; every process gets
+A harness of the source checkout, not part of the installed package: ``flwr run`` needs the Flower App,
+which is this repository's folder (its pyproject.toml). The tests and ``benchmarks/flower.py`` use it to
+run a real deployment on localhost; every process gets
 ``FLWR_HOME`` in a folder of the caller's, telemetry and update checks off, and its output in a file.
 A :class:`~collafuse.engines.lifeline.Lifeline` ends every process started here, and everything those
 started, when the caller dies, even by SIGKILL.
@@ -16,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..lifeline import Lifeline
-from .simulation import QUIET_ENV
+from collafuse.engines.flower.simulation import QUIET_ENV
+from collafuse.engines.lifeline import Lifeline
 
 BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[4]  # the Flower App: the folder with pyproject.toml
+PROJECT = Path(__file__).resolve().parents[1]  # the Flower App: this checkout, the folder with pyproject.toml
 
 
 def free_port() -> int:
