@@ -86,8 +86,9 @@ def test_the_secret_survives_resume_and_never_reaches_the_server(tmp_path: Path)
     """A run stopped at its checkpoint is copied; both copies go on to the end and agree bit for bit (each
     client's seeds come back from its own checkpoint folder, not drawn anew); the seeds differ between clients
     and from the config's, and appear in no file the server holds. The run folder says its noise is secret."""
-    half = config.load(None, [*TINY, "train.rounds=2"])
-    full = config.load(None, [*TINY, "train.rounds=4"])
+    once = "train.upload_policy='once'"  # its copies come from the once seed: a new seed would send new copies
+    half = config.load(None, [*TINY, once, "train.rounds=2"])
+    full = config.load(None, [*TINY, once, "train.rounds=4"])
     run(half, tmp_path / "a", progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name in ("a", "b"):
@@ -100,11 +101,11 @@ def test_the_secret_survives_resume_and_never_reaches_the_server(tmp_path: Path)
         assert png.read_bytes() == (tmp_path / "b" / "samples" / png.name).read_bytes(), png.name
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["privacy"]["upload_noise"] == "secret"
     assert "upload noise: secret" in (tmp_path / "a" / "report.md").read_text()
-    ck = sorted((tmp_path / "a" / "checkpoints").glob("round_*"))[-1]
+    first, ck = sorted((tmp_path / "a" / "checkpoints").glob("round_*"))  # rounds 2 and 4
     seeds = [client_seeds(ck / f"client_{c}" / "uploads.safetensors") for c in range(3)]
+    assert seeds == [client_seeds(first / f"client_{c}" / "uploads.safetensors") for c in range(3)]
     assert all(s.secret for s in seeds) and len({s.upload for s in seeds} | {s.once for s in seeds}) == 6
     assert all(s.upload != config_noise_seeds(full, c).upload for c, s in enumerate(seeds))
-    # the seeds at the start of the run are the ones at its end: the first checkpoint is gone, the second has them
     patterns = [p for s in seeds for p in seed_patterns(s)]
     files = server_side_files(tmp_path / "a")
     assert any(p.name == "state.json" for p in files) and any("server" in p.parts for p in files)
