@@ -17,6 +17,9 @@
 
 Timed loops alternate ours and the baseline (ABAB...) and report medians, so that drift of the
 machine hits both alike. Run nothing else heavy meanwhile.
+
+Over 350 lines on purpose: the six benchmarks above share one command, one JSON file and one timing
+discipline, and each is a function of its own (``bench_*``) that the tests import one at a time.
 """
 
 from __future__ import annotations

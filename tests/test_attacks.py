@@ -51,6 +51,35 @@ def test_averaging_copies_track_the_upload_rate(digits_client) -> None:
     assert rows[0]["link_precision"] > 0.7
 
 
+def test_the_averaging_attack_uses_no_ground_truth(digits_client) -> None:
+    """The server's linking sees the uploads only: shuffled, with nothing of where they came from, the same
+    anchors get the same links and the same averages (up to the order of a floating-point sum)."""
+    split = Split(NoiseSchedule.linear(1000), 100)
+    pool = digits_client
+    g = torch.Generator().manual_seed(0)
+    x, _, _ = FreshNoise().draw(pool, 600, split, g)
+    U = x.float().flatten(1)
+    anchors = torch.arange(0, 600, 7)
+    linked, mean, distinct = attacks.link_and_average(U, anchors, split)
+    perm = torch.randperm(len(U), generator=g)
+    where = torch.argsort(perm)  # the position of each original upload in the shuffled list
+    linked2, mean2, distinct2 = attacks.link_and_average(U[perm], where[anchors], split)
+    assert torch.equal(linked2[:, where], linked) and torch.equal(distinct2, distinct)
+    assert torch.allclose(mean2, mean, rtol=0, atol=1e-12)
+    assert int(linked.sum()) > len(anchors)  # it does link copies beyond the anchor itself
+
+
+def test_the_averaging_attack_curve_cannot_fall_and_depends_on_its_seed(digits_client) -> None:
+    split = Split(NoiseSchedule.linear(1000), 200)
+    rows = {s: attacks.averaging_attack(digits_client, split, FreshNoise(), upload_size=64, rounds=[1, 3, 10, 30],
+                                        seed=s) for s in (1, 2)}
+    for r in rows.values():
+        best = [row["best_psnr"] for row in r]
+        assert best == sorted(best) and all(row["best_psnr"] >= row["psnr"] for row in r)
+        assert all(0 < row["link_recall"] <= 1 and 0 < row["link_precision"] <= 1 for row in r)
+    assert [row["psnr"] for row in rows[1]] != [row["psnr"] for row in rows[2]]
+
+
 def test_equivalent_step_has_the_averaged_snr() -> None:
     split = Split(NoiseSchedule.linear(1000), 300)
     abar = split.schedule.abar.double()

@@ -4,17 +4,19 @@ Threat model (docs/privacy.md): the server follows the protocol but keeps and st
 receives: every x_{t_zeta} with its label, the cut t_zeta and the noise schedule (both public), and its
 own model. It never sees x_0 or the noise a client drew.
 
-Two attacks, each run on a client's held-out images so that the figures do not depend on what the
-models happened to memorise:
+Three attacks; averaging and membership run on a client's held-out images so that the figures do not depend
+on what the models happened to memorise:
 
 * **Averaging** (docs/design.md section 5; docs/privacy.md): the held-out images take the place of the training set
   and are uploaded by the client's own upload policy (the real code path) at the run's rate, so that
   after r rounds each image has been sent as often as a training image would have been. The server
-  links uploads whose distance is what two noisings of one image give (a chi-square bound it can
-  compute from the public schedule), averages each linked group, and rescales it. Under ``fresh`` the
+  uses no knowledge of which image an upload came from: for uploads it picks itself (anchors), it links
+  every upload whose distance is what two noisings of one image give (a chi-square bound it can compute
+  from the public schedule), averages each linked group, and rescales it. Under ``fresh`` the
   noise of K copies averages down by sqrt(K); under ``once`` every copy is the same, so averaging
   gains nothing. Reported as PSNR and SSIM against rounds, plain and after the client's own denoiser
-  at the noise level the average has (the best denoiser an attacker could hope for).
+  at the noise level the average has (the best denoiser an attacker could hope for), the best of them so
+  far (a curve that cannot fall), and the links' precision and recall (scored afterwards from the truth).
 * **Regeneration** (the positive control of secret upload noise, docs/privacy.md "Whose noise"): the server
   recomputes a client's upload noise from what it holds, the config and this source code, by replaying the
   client's upload code with the seeds the config gives on a stand-in of zeros of the client's size (which the
@@ -79,14 +81,32 @@ def equivalent_t(split: Split, copies: float) -> int:
     return int(torch.argmin((snr.log() - math.log(target)).abs())) + 1
 
 
+def link_and_average(uploads: Tensor, anchors: Tensor, split: Split) -> tuple[Tensor, Tensor, Tensor]:
+    """The server's own linking rule, from the uploads alone (no source indices, no order): each anchor upload
+    is linked to every upload within :func:`link_radius2` of it (itself included). Returns, per anchor, the
+    linked uploads (a boolean row over ``uploads``), their mean, and how many distinct copies it averages."""
+    U = uploads.double()
+    A = U[anchors]
+    linked = torch.cdist(A, U).pow(2) <= link_radius2(split, U.shape[1])
+    mean = (linked.double() @ U) / linked.sum(1, keepdim=True)
+    distinct = torch.tensor([len(torch.unique(U[row], dim=0)) for row in linked], dtype=torch.long)
+    return linked, mean, distinct
+
+
 def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
                      rounds: list[int], seed: int, denoiser: Trainer | None = None,
-                     conditions: Tensor | None = None) -> list[dict[str, Any]]:
+                     conditions: Tensor | None = None, anchors: int = MAX_ATTACK_IMAGES) -> list[dict[str, Any]]:
     """The averaging attack on ``data.test_x`` (the first 256) uploaded by ``policy`` for ``max(rounds)`` rounds.
 
     ``upload_size`` is the run's per-round upload; the held-out pool uploads in proportion to its size, so
-    that every image is sent as often as a training image of the run. ``conditions``: what the denoiser is
-    conditioned on for each held-out image (None: unconditional). Returns one row per checkpoint.
+    that every image is sent as often as a training image of the run. At each checkpoint the server picks
+    ``anchors`` of the uploads it holds (with its own generator) and reconstructs each from its linked
+    uploads (:func:`link_and_average`): the plain average rescaled, and, with ``denoiser``, that average
+    denoised at the noise level it has. ``conditions``: what each held-out image's uploads carry (its label
+    or attribute vector, which the server receives with it; None: unconditional). Which image an upload came
+    from is used afterwards only: to score the reconstructions and the links (precision, recall) for the
+    reader, and to look up the condition it was sent with. ``best_psnr`` is the best of every estimator over
+    the rounds so far, so it cannot fall. Returns one row per checkpoint.
     """
     from .metrics.evaluate import psnr, ssim
 
@@ -94,15 +114,14 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
         return []
     n = min(len(data.test_x), MAX_ATTACK_IMAGES)
     pool = ClientData(data.cid, data.test_x[:n].float(), data.test_y[:n], data.test_x[:0], data.test_y[:0])
-    n_pool = len(pool.train_x)
-    per_round = max(1, round(upload_size * n_pool / max(1, len(data.train_x))))
-    d = int(pool.train_x[0].numel())
-    radius2 = link_radius2(split, d)
+    per_round = max(1, round(upload_size * n / max(1, len(data.train_x))))
     abar = split.abar_cut
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the uploads' noise (the client's part of the simulation)
+    pick = torch.Generator().manual_seed(seed + 1)  # the server's choice of anchors
     ups: list[Tensor] = []
-    src: list[Tensor] = []
-    rows = []
+    src: list[Tensor] = []  # for scoring, and to look up what condition an upload was sent with
+    rows: list[dict[str, Any]] = []
+    best = -math.inf
     done = 0
     for r in sorted(rounds):
         while done < r:
@@ -111,36 +130,36 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
             src.append(idx)
             done += 1
         U, S = torch.cat(ups), torch.cat(src)
-        seen = torch.unique(S)
-        # the first upload of each image stands for it; the server links it to every upload within the radius
-        first = torch.tensor([int(torch.nonzero(S == j)[0]) for j in seen.tolist()], dtype=torch.long)
-        dist2 = torch.cdist(U[first].double(), U.double()).pow(2)
-        linked = dist2 <= radius2
-        groups = linked.sum(1)
-        mean = (linked.double() @ U.double()) / groups[:, None]
-        truth = pool.train_x[seen]
+        chosen = torch.randperm(len(U), generator=pick)[:anchors]
+        linked, mean, distinct = link_and_average(U, chosen, split)
+        truth = pool.train_x[S[chosen]]
         x0_plain = (mean / math.sqrt(abar)).clamp(-1, 1).float().view_as(truth)
-        # copies that differ: what averaging can use (once: always 1)
-        distinct = torch.tensor([len(torch.unique(U[linked[i]], dim=0)) for i in range(len(seen))])
-        correct = (linked & (S[None, :] == seen[:, None])).sum(1).double() / groups
-        row = {"round": r, "images": int(len(seen)), "uploads": int(len(U)),
-               "copies_per_image": float(groups.double().mean()),
+        same = S[None, :] == S[chosen][:, None]
+        copies = torch.bincount(S, minlength=n)[S[chosen]].double()
+        row = {"round": r, "anchors": int(len(chosen)), "uploads": int(len(U)),
+               "copies_per_image": float(linked.sum(1).double().mean()),
                "distinct_copies_per_image": float(distinct.double().mean()),
-               "link_precision": float(correct.mean()),
+               "link_precision": float(((linked & same).sum(1).double() / linked.sum(1)).mean()),
+               "link_recall": float(((linked & same).sum(1).double() / copies).mean()),
                "psnr": float(psnr(x0_plain, truth).mean()), "ssim": float(ssim(x0_plain, truth).mean())}
+        scores = [row["psnr"]]
         if denoiser is not None and split.client_active:
             x0_hat = torch.empty_like(truth)
-            labels = None if conditions is None else conditions[seen]
+            y_anchor = None if conditions is None else conditions[:n][S[chosen]]  # sent with each anchor
             for k in torch.unique(distinct).tolist():
                 sel = distinct == k
                 t_eq = equivalent_t(split, float(k))
                 a_eq = float(split.schedule.abar[t_eq])
                 # rescale the mean of k copies so that it is distributed as x_{t_eq}
                 x_eq = (mean[sel] * math.sqrt(a_eq / abar)).float().view(-1, *truth.shape[1:])
-                fn = denoiser.eps_fn(None if labels is None else labels[sel])
-                x0_hat[sel] = posterior_mean(split, fn, x_eq, t_eq)
+                fn = denoiser.eps_fn(None if y_anchor is None else y_anchor[sel])
+                with torch.no_grad():
+                    x0_hat[sel] = posterior_mean(split, fn, x_eq, t_eq)
             row["psnr_denoised"] = float(psnr(x0_hat, truth).mean())
             row["ssim_denoised"] = float(ssim(x0_hat, truth).mean())
+            scores.append(row["psnr_denoised"])
+        best = max(best, *scores)
+        row["best_psnr"] = best
         rows.append(row)
     return rows
 
@@ -262,6 +281,7 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
     for c in exp.clients:
         split = c.split
         g = c.privacy(cfg.eval.delta)
+        attack_seed = seed_for(cfg, "attack", c.cid) + 7919 * cfg.eval.seed  # another run seed, another attack
         blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(c.data.test_x)
         entry: dict[str, Any] = {
             "t_zeta": split.t_zeta,
@@ -269,13 +289,13 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
             "blind": {"psnr": float(psnr(blind, c.data.test_x).mean()),
                       "ssim": float(ssim(blind, c.data.test_x).mean())},
             # a fresh policy object: the client's own holds the noised copies of its training images
-            "averaging": averaging_attack(c.data, split, make_policy(cfg, seed_for(cfg, "once", c.cid)),
-                                          upload_size=cfg.train.upload_size,
-                                          rounds=rounds, seed=cfg.eval.seed + c.cid, denoiser=c.trainer,
-                                          conditions=c.condition("test")),
+            # simulated uploads of held-out images through the client's policy code, with noise of their own
+            "averaging": averaging_attack(c.data, split, make_policy(cfg, attack_seed + 1),
+                                          upload_size=cfg.train.upload_size, rounds=rounds, seed=attack_seed,
+                                          denoiser=c.trainer, conditions=c.condition("test")),
             "regeneration": regeneration_attack(c, cfg),
             "membership": membership_inference(exp.server.trainer_for(c.cid), split, c.data,
-                                               conditional=c.conditional, seed=cfg.eval.seed + c.cid,
+                                               conditional=c.conditional, seed=attack_seed,
                                                attributes=c.attributes),
         }
         per[str(c.cid)] = entry

@@ -29,7 +29,7 @@ from .training import Trainer
 
 def seed_for(cfg: Config, role: str, index: int = 0) -> int:
     """A distinct, reproducible seed per role (init, training, uploads, sampling) and client."""
-    offsets = {"init": 0, "train": 100, "upload": 200, "sample": 300, "once": 400}
+    offsets = {"init": 0, "train": 100, "upload": 200, "sample": 300, "once": 400, "attack": 500}
     return cfg.run.seed * 1_000_003 + offsets[role] + index
 
 

@@ -111,7 +111,8 @@ def summarise(meta: dict, runs: dict[tuple[str, int], list[dict]]) -> list[dict[
         attack = {}
         for i, rnd in enumerate(rounds):
             attack[rnd] = {k: [c["averaging"][i][k] for c in per if len(c["averaging"]) > i and k in c["averaging"][i]]
-                           for k in ("psnr", "ssim", "psnr_denoised", "copies_per_image", "link_precision")}
+                           for k in ("psnr", "ssim", "psnr_denoised", "best_psnr", "copies_per_image",
+                                     "link_precision", "link_recall")}
         guarantees = [c["guarantee"] for c in per]
         worst = max(guarantees, key=lambda g: g["epsilon"])
         rows.append({
