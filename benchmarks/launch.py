@@ -138,6 +138,9 @@ def flwr(args: list[str], env: dict[str, str], timeout: float = 900) -> subproce
 
 def run_config(out: Path, overrides: list[str], node_dir: Path | None = None) -> str:
     """The ``-c`` argument of ``flwr run`` for a run folder, collafuse overrides and a shared node folder."""
+    quoted = [o for o in overrides if '"' in o]
+    if quoted:  # they would end the TOML string that carries them
+        raise ValueError(f"overrides {quoted} hold double quotes: write string values in single quotes")
     parts = [f'out="{out}"', f'overrides="{";".join(overrides)}"']
     if node_dir is not None:
         parts.append(f'node-dir="{node_dir}"')

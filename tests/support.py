@@ -16,7 +16,7 @@ import torch
 # Small but real settings: the same code paths as the default run, sized to take seconds.
 # Runs that are compared bit for bit with other runs (same seed, resume against straight, engine against
 # engine) opt into upload noise seeded from the config: by default every client draws secret seeds of its own.
-REPRODUCIBLE = 'train.upload_noise="reproducible"'
+REPRODUCIBLE = "train.upload_noise='reproducible'"  # single quotes: it also travels inside flwr run's -c string
 
 TINY = [
     "split.T=100", "split.t_zeta=20", "train.rounds=4", "train.batch_size=8", "train.upload_size=8",

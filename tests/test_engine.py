@@ -170,7 +170,7 @@ def test_auto_workers_only_where_a_spawn_is_safe_and_pays() -> None:
 def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> None:
     """`collafuse run` of 100 rounds with two threads: engine.workers = "auto" becomes one worker, which takes
     the clients over once it has started, and each process keeps one thread; so the losses are, bit for bit,
-    those of a one-thread run without workers, wherever the hand-over fell."""
+    those of a one-thread run without workers, wherever the hand-over fell (upload noise from the config)."""
     import json
 
     from support import run_cli
@@ -178,7 +178,7 @@ def test_the_command_trains_clients_in_a_worker_by_default(tmp_path: Path) -> No
     runs, said = {}, "clients train in 1 worker process(es) beside the server, 1 thread(s) each"
     for name, w, threads in (("auto", "'auto'", 2), ("none", "0", 1)):
         sets = [a for o in TINY + [f"engine.threads={threads}", f"engine.workers={w}", "train.rounds=100",
-                                   "train.checkpoint_every=50"] for a in ("--set", o)]
+                                   "train.checkpoint_every=50", REPRODUCIBLE] for a in ("--set", o)]
         res = run_cli("--debug", "run", *sets, "--out", str(tmp_path / name), "--quiet", cwd=tmp_path)
         assert res.returncode == 0, res.stderr
         assert (said in res.stderr) == (name == "auto")

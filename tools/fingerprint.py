@@ -25,7 +25,7 @@ from pathlib import Path
 # (the shared model's epsilon is converted at the handover), and the once policy with clipping
 # upload noise from the config (the reproducible mode): by default every client draws secret seeds, and two runs
 # differ (so the tool compares versions that both have train.upload_noise)
-NOISE = 'train.upload_noise="reproducible"'
+NOISE = "train.upload_noise='reproducible'"
 SMALL = ["train.rounds=6", "train.batch_size=16", "train.upload_size=16", "sample.n_per_client=6", "engine.threads=1",
          NOISE]
 RUNS = {
