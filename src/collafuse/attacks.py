@@ -164,19 +164,27 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
     return rows
 
 
+def first_draw(cfg: Any, seeds: Any, data: ClientData, split: Split, n: int) -> tuple[Tensor, Tensor, float]:
+    """The first upload draw a client with ``seeds`` makes (``Client.make_upload``'s draw, before the wire's
+    dtype): (x_{t_zeta}, the training images' indices, the policy's clip norm)."""
+    from .experiment import make_policy
+
+    policy = make_policy(cfg, seeds.once)
+    x_t, _, idx = policy.draw(data, n, split, torch.Generator().manual_seed(seeds.upload))
+    return x_t, idx, policy.clip_norm
+
+
 def regenerate(cfg: Any, cid: int, split: Split, n_train: int, image_shape: tuple[int, ...], upload: Tensor,
                upload_size: int) -> Tensor:
     """The server's regeneration of a client's first upload: x_0 estimates from the upload and what the server
     holds (the config, the client's cut and its number of training images; no secret of the client's)."""
     from .data import ClientData
-    from .experiment import config_noise_seeds, make_policy
+    from .experiment import config_noise_seeds
 
-    seeds = config_noise_seeds(cfg, cid)
     zeros = ClientData(cid, torch.zeros((n_train, *image_shape)), torch.zeros(n_train, dtype=torch.long),
                        torch.zeros((0, *image_shape)), torch.zeros(0, dtype=torch.long))
-    policy = make_policy(cfg, seeds.once)
-    # the draw Client.make_upload makes, on zeros: what it returns is sqrt(1 - abar) eps alone
-    noise, _, _ = policy.draw(zeros, upload_size, split, torch.Generator().manual_seed(seeds.upload))
+    # the client's first draw, replayed on zeros with the config's seeds: sqrt(1 - abar) eps alone
+    noise, _, _ = first_draw(cfg, config_noise_seeds(cfg, cid), zeros, split, upload_size)
     return ((upload.float() - noise) / math.sqrt(split.abar_cut)).clamp(-1, 1)
 
 
@@ -185,7 +193,6 @@ def regeneration_attack(c: Any, cfg: Any) -> dict[str, Any] | None:
     blind guess (the mean image), the upload rescaled, and the posterior mean under the client's own denoiser.
     PSNR and SSIM against the image that was noised (after clipping, which is what the upload releases)."""
     from .client import UPLOAD_DTYPES, clip_l2
-    from .experiment import make_policy
     from .metrics.evaluate import psnr, ssim
 
     split = c.split
@@ -193,10 +200,9 @@ def regeneration_attack(c: Any, cfg: Any) -> dict[str, Any] | None:
         return None
     n = cfg.train.upload_size
     # the client's first upload, as it made and sent it: its own seeds, its own data, the wire's dtype
-    policy = make_policy(cfg, c.seeds.once)
-    x_t, _, idx = policy.draw(c.data, n, split, torch.Generator().manual_seed(c.seeds.upload))
+    x_t, idx, clip_norm = first_draw(cfg, c.seeds, c.data, split, n)
     x_t = x_t.to(UPLOAD_DTYPES[cfg.train.upload_dtype])
-    truth = clip_l2(c.data.train_x[idx].float(), policy.clip_norm)
+    truth = clip_l2(c.data.train_x[idx].float(), clip_norm)
     got = regenerate(cfg, c.cid, split, len(c.data.train_x), tuple(c.data.train_x.shape[1:]), x_t, n)
     honest = {"blind": c.data.train_x.float().mean(0, keepdim=True).expand_as(truth),
               "rescaled": (x_t.float() / math.sqrt(split.abar_cut)).clamp(-1, 1)}
