@@ -18,6 +18,10 @@ import torch
 # engine) opt into upload noise seeded from the config: by default every client draws secret seeds of its own.
 REPRODUCIBLE = "train.upload_noise='reproducible'"  # single quotes: it also travels inside flwr run's -c string
 
+# the regeneration attack's bars: float32 recovers x_0 to rounding (PSNR near 100 dB; any real noise left is far
+# below 60), and secret noise leaves it no more than 1 dB above the best honest estimate (the bar)
+EXACT_DB = 60.0
+HONEST_MARGIN_DB = 1.0
 TINY = [
     "split.T=100", "split.t_zeta=20", "train.rounds=4", "train.batch_size=8", "train.upload_size=8",
     "train.checkpoint_every=2", "sample.n_per_client=4", "sample.sampler=ddim", "sample.steps=10",

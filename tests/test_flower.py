@@ -33,6 +33,8 @@ from collafuse.engines.flower.protocol import decode_upload, encode_upload
 from collafuse.errors import UploadRejected
 from collafuse.experiment import build
 from support import (
+    EXACT_DB,
+    HONEST_MARGIN_DB,
     REPRODUCIBLE,
     describe,
     kill_tagged,
@@ -103,6 +105,24 @@ def test_flower_simulation_equals_local_engine(tmp_path):
         collafuse(["sample", str(run), "--client", "1", "-n", "6", "--set", "sample.sampler=ddim",
                    "--set", "sample.steps=10", "--out", str(run / "again.png"), "--quiet"], tmp_path)
     assert (local / "again.png").read_bytes() == (flower / "again.png").read_bytes()
+    # the reproducible mode, through Flower's simulation: a server that holds the config undoes every upload
+    collafuse(["privacy", str(flower), "--rounds", "1"], tmp_path)
+    for v in json.loads((flower / "privacy.json").read_text())["per_client"].values():
+        assert v["regeneration"]["noise"] == "reproducible" and v["regeneration"]["psnr"] > EXACT_DB, v["regeneration"]
+
+
+@pytest.mark.slow
+def test_secret_noise_through_the_flower_simulation(tmp_path):
+    """The default (secret) mode through Flower's simulation runtime: the regeneration attack on the run folder
+    does no better than the honest estimates from the same upload (docs/privacy.md, "Whose noise")."""
+    out = tmp_path / "flower"
+    secret = [o for o in FAST if o != REPRODUCIBLE]
+    collafuse(["run", "--engine", "flower", "--quiet", "--out", str(out), *sets(secret)], tmp_path)
+    assert json.loads((out / "metrics.json").read_text())["privacy"]["upload_noise"] == "secret"
+    collafuse(["privacy", str(out), "--rounds", "1"], tmp_path)
+    for v in json.loads((out / "privacy.json").read_text())["per_client"].values():
+        rg = v["regeneration"]
+        assert rg["noise"] == "secret" and rg["psnr"] <= rg["best_honest_psnr"] + HONEST_MARGIN_DB, rg
 
 
 @pytest.mark.slow

@@ -17,10 +17,7 @@ from collafuse import config
 from collafuse.client import NoiseSeeds
 from collafuse.engines.local import run
 from collafuse.experiment import build, config_noise_seeds
-from support import REPRODUCIBLE, TINY
-
-EXACT_DB = 60.0  # float32 recovers x_0 to rounding: PSNR near 100 dB; any real noise left is far below 60
-HONEST_MARGIN_DB = 1.0  # the bar: secret noise leaves the regeneration no more than 1 dB above honest
+from support import EXACT_DB, HONEST_MARGIN_DB, REPRODUCIBLE, TINY
 
 
 def sets(overrides: list[str]) -> list[str]:

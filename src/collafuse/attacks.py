@@ -2,31 +2,36 @@
 
 Threat model (docs/privacy.md): the server follows the protocol but keeps and studies everything it
 receives: every x_{t_zeta} with its label, the cut t_zeta and the noise schedule (both public), and its
-own model. It never sees x_0 or the noise a client drew.
+own model. It never sees x_0 or the noise a client drew. It may also hold **public images** of the same
+kind: the digits have no images outside the clients, so every second held-out image of every client stands
+in for them (:func:`split_held_out`; no client trains on them), and the attacks' targets and non-members
+are the other half.
 
-Three attacks; averaging and membership run on a client's held-out images so that the figures do not depend
-on what the models happened to memorise:
+The attacks (each reports the best of several estimators; none of them is an upper bound on every attacker):
 
-* **Averaging** (docs/design.md section 5; docs/privacy.md): the held-out images take the place of the training set
-  and are uploaded by the client's own upload policy (the real code path) at the run's rate, so that
-  after r rounds each image has been sent as often as a training image would have been. The server
-  uses no knowledge of which image an upload came from: for uploads it picks itself (anchors), it links
-  every upload whose distance is what two noisings of one image give (a chi-square bound it can compute
-  from the public schedule), averages each linked group, and rescales it. Under ``fresh`` the
-  noise of K copies averages down by sqrt(K); under ``once`` every copy is the same, so averaging
-  gains nothing. Reported as PSNR and SSIM against rounds, plain and after the client's own denoiser
-  at the noise level the average has (the best denoiser an attacker could hope for), the best of them so
-  far (a curve that cannot fall), and the links' precision and recall (scored afterwards from the truth).
+* **One upload** (:func:`regeneration_attack`, on the client's first real upload): the blind guess (the
+  public images' mean, of the upload's label where the server is told it), the upload rescaled, the
+  posterior mean under the client's own denoiser, and the exact Bayes posterior mean under the empirical
+  prior of the public images (:meth:`PublicPrior.posterior_mean`); scored against the image as released
+  (after clipping).
 * **Regeneration** (the positive control of secret upload noise, docs/privacy.md "Whose noise"): the server
   recomputes a client's upload noise from what it holds, the config and this source code, by replaying the
   client's upload code with the seeds the config gives on a stand-in of zeros of the client's size (which the
   client tells it), and subtracts it: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar). It recovers the images
-  exactly when the noise is reproducible from the config, and gets a doubled noise when it is secret. It is
-  run on the client's first real upload, remade from the client's own seeds (which only the harness, playing
-  the client, holds), against the best honest estimate from the same upload.
-* **Membership inference** against the server's model: the loss of the server's denoiser on an
-  image's noised copies, lower for images it was trained on. Training images against held-out ones,
-  ROC AUC with a bootstrap spread (0.5: the model reveals nothing about membership).
+  exactly when the noise is reproducible from the config, and gets a doubled noise when it is secret.
+* **Averaging** (docs/design.md section 5; docs/privacy.md): private held-out images take the place of the
+  training set and are uploaded by the client's own upload policy (the real code path) at the run's rate, so
+  that after r rounds each image has been sent as often as a training image would have been. The server
+  uses no knowledge of which image an upload came from: for uploads it picks itself (anchors), it links
+  every upload whose distance is what two noisings of one image give (a chi-square bound it can compute
+  from the public schedule), and estimates the image from each linked group: the plain average rescaled,
+  after the client's own denoiser at the noise level the average has, and the posterior mean under the
+  public prior. Where images were clipped to a norm C below the public images' typical norm, the server
+  scales its estimates back up by that ratio (C is public). Scored against the real image; the best of
+  every estimator over the rounds so far (a curve that cannot fall), and the links' precision and recall
+  (scored afterwards from the truth).
+* **Membership inference** against the server's model, calibrated by a reference model trained on the
+  public images, with a positive control (:mod:`collafuse.membership`).
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .client import FreshNoise, NoiseOnce
 from .data import ClientData
+from .public import PublicPrior, split_held_out, unclip
 from .split import Split, posterior_mean
 from .training import Trainer
 
@@ -95,18 +100,20 @@ def link_and_average(uploads: Tensor, anchors: Tensor, split: Split) -> tuple[Te
 
 def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseOnce, *, upload_size: int,
                      rounds: list[int], seed: int, denoiser: Trainer | None = None,
-                     conditions: Tensor | None = None, anchors: int = MAX_ATTACK_IMAGES) -> list[dict[str, Any]]:
+                     conditions: Tensor | None = None, anchors: int = MAX_ATTACK_IMAGES,
+                     prior: PublicPrior | None = None) -> list[dict[str, Any]]:
     """The averaging attack on ``data.test_x`` (the first 256) uploaded by ``policy`` for ``max(rounds)`` rounds.
 
     ``upload_size`` is the run's per-round upload; the held-out pool uploads in proportion to its size, so
     that every image is sent as often as a training image of the run. At each checkpoint the server picks
-    ``anchors`` of the uploads it holds (with its own generator) and reconstructs each from its linked
-    uploads (:func:`link_and_average`): the plain average rescaled, and, with ``denoiser``, that average
-    denoised at the noise level it has. ``conditions``: what each held-out image's uploads carry (its label
-    or attribute vector, which the server receives with it; None: unconditional). Which image an upload came
-    from is used afterwards only: to score the reconstructions and the links (precision, recall) for the
-    reader, and to look up the condition it was sent with. ``best_psnr`` is the best of every estimator over
-    the rounds so far, so it cannot fall. Returns one row per checkpoint.
+    ``anchors`` of the uploads it holds (with its own generator) and estimates each anchor's image from its
+    linked uploads (:func:`link_and_average`): the plain average rescaled; with ``denoiser``, that average
+    denoised at the noise level it has; with ``prior``, the posterior mean of the average under the public
+    images. Estimates of clipped images are scaled back up (:func:`unclip`). ``conditions``: what each held-out
+    image's uploads carry (its label or attribute vector, which the server receives with it; None:
+    unconditional). Which image an upload came from is used afterwards only: to score the estimates and the
+    links (precision, recall) for the reader, and to look up the label it was sent with. ``best_psnr`` is the
+    best of every estimator over the rounds so far, so it cannot fall. Returns one row per checkpoint.
     """
     from .metrics.evaluate import psnr, ssim
 
@@ -116,10 +123,11 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
     pool = ClientData(data.cid, data.test_x[:n].float(), data.test_y[:n], data.test_x[:0], data.test_y[:0])
     per_round = max(1, round(upload_size * n / max(1, len(data.train_x))))
     abar = split.abar_cut
+    clip = policy.clip_norm
     g = torch.Generator().manual_seed(seed)  # the uploads' noise (the client's part of the simulation)
     pick = torch.Generator().manual_seed(seed + 1)  # the server's choice of anchors
     ups: list[Tensor] = []
-    src: list[Tensor] = []  # for scoring, and to look up what condition an upload was sent with
+    src: list[Tensor] = []  # for scoring, and to look up what label an upload was sent with
     rows: list[dict[str, Any]] = []
     best = -math.inf
     done = 0
@@ -133,7 +141,7 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
         chosen = torch.randperm(len(U), generator=pick)[:anchors]
         linked, mean, distinct = link_and_average(U, chosen, split)
         truth = pool.train_x[S[chosen]]
-        x0_plain = (mean / math.sqrt(abar)).clamp(-1, 1).float().view_as(truth)
+        x0_plain = unclip((mean / math.sqrt(abar)).clamp(-1, 1).float().view_as(truth), clip, prior)
         same = S[None, :] == S[chosen][:, None]
         copies = torch.bincount(S, minlength=n)[S[chosen]].double()
         row = {"round": r, "anchors": int(len(chosen)), "uploads": int(len(U)),
@@ -143,9 +151,9 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
                "link_recall": float(((linked & same).sum(1).double() / copies).mean()),
                "psnr": float(psnr(x0_plain, truth).mean()), "ssim": float(ssim(x0_plain, truth).mean())}
         scores = [row["psnr"]]
+        y_anchor = None if conditions is None else conditions[:n][S[chosen]]  # sent with each anchor
         if denoiser is not None and split.client_active:
             x0_hat = torch.empty_like(truth)
-            y_anchor = None if conditions is None else conditions[:n][S[chosen]]  # sent with each anchor
             for k in torch.unique(distinct).tolist():
                 sel = distinct == k
                 t_eq = equivalent_t(split, float(k))
@@ -155,9 +163,22 @@ def averaging_attack(data: ClientData, split: Split, policy: FreshNoise | NoiseO
                 fn = denoiser.eps_fn(None if y_anchor is None else y_anchor[sel])
                 with torch.no_grad():
                     x0_hat[sel] = posterior_mean(split, fn, x_eq, t_eq)
+            x0_hat = unclip(x0_hat, clip, prior)
             row["psnr_denoised"] = float(psnr(x0_hat, truth).mean())
             row["ssim_denoised"] = float(ssim(x0_hat, truth).mean())
             scores.append(row["psnr_denoised"])
+        if prior is not None:
+            # the mean of k copies is sqrt(abar) x_0 + N(0, (1 - abar) / k)
+            label = None if not prior.labelled or y_anchor is None or y_anchor.dim() != 1 else y_anchor
+            x0_pub = torch.empty_like(truth)
+            for k in torch.unique(distinct).tolist():
+                sel = distinct == k
+                x0_pub[sel] = prior.posterior_mean(mean[sel], math.sqrt(abar), (1.0 - abar) / k,
+                                                   None if label is None else label[sel], clip)
+            x0_pub = unclip(x0_pub, clip, prior)
+            row["psnr_prior"] = float(psnr(x0_pub, truth).mean())
+            row["ssim_prior"] = float(ssim(x0_pub, truth).mean())
+            scores.append(row["psnr_prior"])
         best = max(best, *scores)
         row["best_psnr"] = best
         rows.append(row)
@@ -178,7 +199,6 @@ def regenerate(cfg: Any, cid: int, split: Split, n_train: int, image_shape: tupl
                upload_size: int) -> Tensor:
     """The server's regeneration of a client's first upload: x_0 estimates from the upload and what the server
     holds (the config, the client's cut and its number of training images; no secret of the client's)."""
-    from .data import ClientData
     from .experiment import config_noise_seeds
 
     zeros = ClientData(cid, torch.zeros((n_train, *image_shape)), torch.zeros(n_train, dtype=torch.long),
@@ -188,10 +208,12 @@ def regenerate(cfg: Any, cid: int, split: Split, n_train: int, image_shape: tupl
     return ((upload.float() - noise) / math.sqrt(split.abar_cut)).clamp(-1, 1)
 
 
-def regeneration_attack(c: Any, cfg: Any) -> dict[str, Any] | None:
-    """The regeneration attack on client ``c``'s first upload, beside the best honest estimate from it: the
-    blind guess (the mean image), the upload rescaled, and the posterior mean under the client's own denoiser.
-    PSNR and SSIM against the image that was noised (after clipping, which is what the upload releases)."""
+def regeneration_attack(c: Any, cfg: Any, prior: PublicPrior | None = None) -> dict[str, Any] | None:
+    """The regeneration attack on client ``c``'s first upload, beside the honest estimates from that upload
+    (the single-upload attack): the blind guess (the public images' mean, of the upload's label where the
+    server is told it), the upload rescaled, the posterior mean under the client's own denoiser and, with
+    ``prior``, the Bayes posterior mean under the public images. PSNR and SSIM against the image that was
+    noised (after clipping, which is what the upload releases)."""
     from .client import UPLOAD_DTYPES, clip_l2
     from .metrics.evaluate import psnr, ssim
 
@@ -204,70 +226,24 @@ def regeneration_attack(c: Any, cfg: Any) -> dict[str, Any] | None:
     x_t = x_t.to(UPLOAD_DTYPES[cfg.train.upload_dtype])
     truth = clip_l2(c.data.train_x[idx].float(), clip_norm)
     got = regenerate(cfg, c.cid, split, len(c.data.train_x), tuple(c.data.train_x.shape[1:]), x_t, n)
-    honest = {"blind": c.data.train_x.float().mean(0, keepdim=True).expand_as(truth),
-              "rescaled": (x_t.float() / math.sqrt(split.abar_cut)).clamp(-1, 1)}
+    a = split.abar_cut
+    label = c.data.train_y[idx] if c.conditional and not c.attributes else None  # sent with the upload
+    honest = {"rescaled": (x_t.float() / math.sqrt(a)).clamp(-1, 1)}
+    if prior is not None:
+        honest["blind"] = prior.mean(n, label, clip_norm)
+        honest["public_prior"] = prior.posterior_mean(x_t.float(), math.sqrt(a), 1.0 - a, label, clip_norm)
     if c.trainer is not None:
         y = c.condition("train", idx)
         with torch.no_grad():
             honest["client_denoiser"] = posterior_mean(split, c.trainer.eps_fn(y, 1.0), x_t.float(), split.t_zeta)
     scores = {k: float(psnr(v, truth).mean()) for k, v in honest.items()}
-    best = max(scores, key=scores.get)
+    ssims = {k: float(ssim(v, truth).mean()) for k, v in honest.items()}
+    attacks_only = {k: v for k, v in scores.items() if k != "blind"}
+    best = max(attacks_only, key=attacks_only.get)
     return {"psnr": float(psnr(got, truth).mean()), "ssim": float(ssim(got, truth).mean()), "images": n,
-            "honest_psnr": scores, "best_honest": best, "best_honest_psnr": scores[best],
-            "best_honest_ssim": float(ssim(honest[best], truth).mean()), "noise": c.seeds.mode}
-
-
-def roc_auc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
-    """P(score of a member > score of a non-member), ties counting half: scikit-learn's ROC AUC with the
-    members as the positive class."""
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(np.r_[np.ones(len(scores_in)), np.zeros(len(scores_out))], np.r_[scores_in, scores_out]))
-
-
-def loss_scores(trainer: Trainer, split: Split, x0: Tensor, y: Tensor | None, *, draws: int, seed: int,
-                batch: int = 256) -> np.ndarray:
-    """Per image, minus the server's mean denoising loss over ``draws`` noisings (same draws for every image)."""
-    chain = split.server_chain
-    model = trainer.sampling_model.eval()
-    g = torch.Generator().manual_seed(seed)
-    shape = x0.shape[1:]
-    eps_c = torch.randn((draws, *shape), generator=g)
-    eps_s = torch.randn((draws, *shape), generator=g)
-    ts = chain.sample_t(draws, g)
-    total = torch.zeros(len(x0), dtype=torch.float64)
-    with torch.inference_mode():
-        for k in range(draws):
-            for i in range(0, len(x0), batch):
-                xb = x0[i:i + batch].float()
-                x_cut = split.schedule.add_noise(xb, eps_c[k].expand_as(xb), split.t_zeta)
-                t = ts[k].expand(len(xb))
-                x_t = chain.q_sample(x_cut, eps_s[k].expand_as(xb), t)
-                yb = None if y is None else y[i:i + batch]
-                x_t, t_d, yb, target = trainer.to_device(x_t, t, yb, eps_s[k].expand_as(xb))
-                pred = model(x_t, t_d, yb)
-                total[i:i + len(xb)] += (pred - target).pow(2).flatten(1).mean(1).double().cpu()
-    return -(total / draws).numpy()
-
-
-def membership_inference(trainer: Trainer | None, split: Split, data: ClientData, *, conditional: bool,
-                         n: int = 256, draws: int = 16, seed: int = 0, bootstrap: int = 200,
-                         attributes: bool = False) -> dict[str, Any] | None:
-    """Loss-based membership inference against the server's model: training vs held-out images of a client."""
-    if trainer is None or not split.server_active:
-        return None
-    rng = np.random.default_rng(seed)
-    k = min(n, len(data.train_x), len(data.test_x))
-    mi = torch.from_numpy(rng.choice(len(data.train_x), k, replace=False))
-    mo = torch.from_numpy(rng.choice(len(data.test_x), k, replace=False))
-    s_in = loss_scores(trainer, split, data.train_x[mi], data.conditions("train", mi, attributes) if conditional
-                       else None, draws=draws, seed=seed)
-    s_out = loss_scores(trainer, split, data.test_x[mo], data.conditions("test", mo, attributes) if conditional
-                        else None, draws=draws, seed=seed)
-    auc = roc_auc(s_in, s_out)
-    boots = [roc_auc(s_in[rng.integers(0, k, k)], s_out[rng.integers(0, k, k)]) for _ in range(bootstrap)]
-    return {"auc": auc, "auc_sd": float(np.std(boots, ddof=1)), "members": k, "non_members": k, "draws": draws,
-            "score": "minus the server model's mean epsilon loss over fixed noisings"}
+            "honest_psnr": scores, "honest_ssim": ssims, "best_honest": best, "best_honest_psnr": scores[best],
+            "best_honest_ssim": ssims[best], "blind_psnr": scores.get("blind"),
+            "snr_db": 10 * math.log10(a / (1 - a)), "noise": c.seeds.mode}
 
 
 def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> dict[str, Any]:
@@ -283,31 +259,39 @@ def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> di
     start = time.perf_counter()
     cfg = exp.cfg
     rounds = rounds or rounds_for(cfg.train.rounds)
+    prior = PublicPrior.of(exp.clients)
     per: dict[str, Any] = {}
     for c in exp.clients:
         split = c.split
         g = c.privacy(cfg.eval.delta)
         attack_seed = seed_for(cfg, "attack", c.cid) + 7919 * cfg.eval.seed  # another run seed, another attack
-        blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(c.data.test_x)
+        private = split_held_out(len(c.data.test_x))[0]
+        targets = ClientData(c.cid, c.data.train_x, c.data.train_y, c.data.test_x[private], c.data.test_y[private])
+        label = targets.test_y if prior.labelled and c.conditional else None
+        blind = prior.mean(len(private), label)
         entry: dict[str, Any] = {
             "t_zeta": split.t_zeta,
             "guarantee": g.to_dict(),
-            "blind": {"psnr": float(psnr(blind, c.data.test_x).mean()),
-                      "ssim": float(ssim(blind, c.data.test_x).mean())},
+            "blind": {"psnr": float(psnr(blind, targets.test_x).mean()),
+                      "ssim": float(ssim(blind, targets.test_x).mean())},
             # a fresh policy object: the client's own holds the noised copies of its training images
             # simulated uploads of held-out images through the client's policy code, with noise of their own
-            "averaging": averaging_attack(c.data, split, make_policy(cfg, attack_seed + 1),
+            "averaging": averaging_attack(targets, split, make_policy(cfg, attack_seed + 1),
                                           upload_size=cfg.train.upload_size, rounds=rounds, seed=attack_seed,
-                                          denoiser=c.trainer, conditions=c.condition("test")),
-            "regeneration": regeneration_attack(c, cfg),
-            "membership": membership_inference(exp.server.trainer_for(c.cid), split, c.data,
-                                               conditional=c.conditional, seed=attack_seed,
-                                               attributes=c.attributes),
+                                          denoiser=c.trainer, prior=prior,
+                                          conditions=None if not c.conditional else c.condition("test")[private]),
+            "regeneration": regeneration_attack(c, cfg, prior),
         }
         per[str(c.cid)] = entry
+    from .membership import membership
+
+    mi = membership(exp, prior, seed_for(cfg, "attack", 97) + 7919 * cfg.eval.seed)
+    for cid, v in per.items():
+        v["membership"] = None if mi is None else mi["per_client"].get(cid)
     result = {"policy": cfg.train.upload_policy, "clip_norm": cfg.train.clip_norm, "rounds": rounds,
               "run_rounds": cfg.train.rounds, "upload_size": cfg.train.upload_size,
-              "link_quantile_z": LINK_QUANTILE_Z, "per_client": per, "seconds": time.perf_counter() - start}
+              "link_quantile_z": LINK_QUANTILE_Z, "public_images": len(prior.x), "labels_sent": prior.labelled,
+              "per_client": per, "membership": mi, "seconds": time.perf_counter() - start}
     if run_dir is not None:
         run_dir = Path(run_dir)
         write_text_atomic(run_dir / "privacy.json", json.dumps(result, indent=1))
@@ -348,25 +332,31 @@ def plot_averaging(result: dict[str, Any], path: Any) -> None:
 def table(result: dict[str, Any]) -> str:
     """Plain-text summary of :func:`assess`."""
     lines = [f"privacy against an honest-but-curious server (policy {result['policy']}, "
-             f"{result['upload_size']} uploads per client and round, {result['run_rounds']} rounds)"]
+             f"{result['upload_size']} uploads per client and round, {result['run_rounds']} rounds; the server's "
+             f"public prior: {result['public_images']} images no client trains on)"]
     for cid, v in result["per_client"].items():
         lines.append(f"client {cid}, t_zeta = {v['t_zeta']}: {v['guarantee']['text']}")
         rg = v.get("regeneration")
         if rg:
-            lines.append(f"  regeneration of its first upload from the config ({rg['noise']} noise): "
-                         f"{rg['psnr']:.1f} dB (best honest estimate from the same upload: {rg['best_honest']} "
-                         f"{rg['best_honest_psnr']:.1f} dB; above 60 dB = the images recovered exactly)")
+            lines.append(f"  one upload: best estimate {rg['best_honest']} {rg['best_honest_psnr']:.1f} dB, "
+                         f"blind guess {rg['blind_psnr']:.1f} dB; regeneration from the config ({rg['noise']} noise) "
+                         f"{rg['psnr']:.1f} dB (above 60 dB = the images recovered exactly)")
         rows = v["averaging"]
         if rows:
-            head = "  averaging attack: " + ", ".join(
-                f"{row['round']} rounds {row['psnr']:.1f} dB" + (f" ({row['psnr_denoised']:.1f} denoised)"
-                                                                if "psnr_denoised" in row else "")
-                for row in rows)
+            head = "  averaging attack, best estimate: " + ", ".join(
+                f"{row['round']} rounds {row['best_psnr']:.1f} dB" for row in rows)
             lines.append(head + f"; blind guess {v['blind']['psnr']:.1f} dB")
-        m = v["membership"]
-        if m:
-            lines.append(f"  membership inference on the server's model: ROC AUC {m['auc']:.3f} +- {m['auc_sd']:.3f} "
-                         f"({m['members']} training vs {m['non_members']} held-out images; 0.5 = no leak)")
-        elif not rows:
+        if not rows and not rg:
             lines.append("  nothing is uploaded at this cut")
+    m = result.get("membership")
+    if m:
+        lines.append(f"membership inference on the server's model ({m['members']} members, {m['non_members']} "
+                     f"non-members, clients pooled): ROC AUC {m['auc']:.3f} "
+                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] "
+                     f"(no leak: 0.5 +- {m['null_halfwidth']:.3f}), TPR at 1% FPR {m['tpr_at_1pct_fpr']:.3f} "
+                     f"[{m['tpr_ci'][0]:.3f}, {m['tpr_ci'][1]:.3f}]")
+        ctl = m.get("control")
+        if ctl:
+            lines.append(f"  positive control, {ctl['what']}: ROC AUC {ctl['auc']:.3f} "
+                         f"[{ctl['auc_ci'][0]:.3f}, {ctl['auc_ci'][1]:.3f}]")
     return "\n".join(lines)

