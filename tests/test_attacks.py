@@ -230,3 +230,25 @@ def test_privacy_study_writes_the_table_into_the_doc(tmp_path: Path) -> None:
     assert "(plots/" not in text and "study/plots/averaging_attack.png" in text  # relative to the doc
     other = run_cli(*[a if a != "1" else "2" for a in args], cwd=tmp_path)  # --seeds 2 into the same folder
     assert other.returncode == 2 and "other settings" in other.stderr
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_eval_disclosure_uses_the_private_half_and_the_public_blind_guess(labels) -> None:
+    """`collafuse eval`'s one-upload figures are on the same images, with the same blind guess, as `collafuse
+    privacy`: the private half of the held-out images, the public images' mean (of the label when it is sent)."""
+    from collafuse.metrics.evaluate import disclosure, psnr
+    from collafuse.public import split_held_out
+
+    exp = build(config.load(None, ["engine.threads=1", "split.t_zeta=1", "eval.disclosure_images=16",
+                                   f"model.conditional={str(labels).lower()}"]))
+    d = disclosure(exp, {})
+    prior = PublicPrior.of(exp.clients)
+    assert prior.labelled is labels
+    for c in exp.clients:
+        r = d["reconstruction"]["per_client"][str(c.cid)]
+        idx = split_held_out(len(c.data.test_x))[0][:16]
+        x0 = c.data.test_x[idx].float()
+        blind = prior.mean(len(idx), c.data.test_y[idx] if labels else None)
+        assert r["images"] == 16 and r["psnr_blind"] == pytest.approx(float(psnr(blind, x0).mean()), rel=1e-6)
+        # one step from the data the upload is the image plus noise of sd 0.01: far above any blind guess
+        assert r["psnr"] > r["psnr_blind"] + 10 and r["best"] in r["psnr_by_estimate"]

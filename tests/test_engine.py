@@ -299,3 +299,106 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         _train(tmp_path / "r", resume=True)
+
+
+def test_personalised_fedavg_averages_then_fine_tunes_each_copy() -> None:
+    """With train.finetune_rounds, the clients' copies are equal after every averaged round and differ after
+    the fine-tuning rounds, which train each copy on its own data only."""
+    from collafuse.engines.executors import InProcess
+
+    exp = build(config.load(None, [*TINY, "train.aggregation='fedavg'", "train.finetune_rounds=2"]))
+    pool = InProcess(exp.clients)
+
+    def copies() -> list[dict[str, torch.Tensor]]:
+        return [{k: v.clone() for k, v in c.trainer.model.state_dict().items()} for c in exp.clients]
+
+    for r in (0, 1):
+        local.run_round(exp, r, pool)
+    first, *others = copies()
+    assert all(torch.equal(first[k], o[k]) for o in others for k in first)
+    for r in (2, 3):
+        local.run_round(exp, r, pool)
+    first, *others = copies()
+    assert all(any(not torch.equal(first[k], o[k]) for k in first) for o in others)
+
+
+def test_finetune_rounds_need_fedavg_and_fewer_than_rounds() -> None:
+    with pytest.raises(ConfigError, match="train.finetune_rounds"):
+        config.load(None, [*TINY, "train.finetune_rounds=2"])
+    with pytest.raises(ConfigError, match="fewer than train.rounds"):
+        config.load(None, [*TINY, "train.aggregation='fedavg'", "train.finetune_rounds=4"])
+
+
+def test_the_two_stage_control_trains_one_low_noise_model_on_every_clients_images() -> None:
+    """train.client_models = 'shared': one low-noise model, stepped by every client on its own images; it takes
+    as many steps and images per round as the clients' own models would together."""
+    from collafuse.engines.executors import InProcess
+
+    exp = build(config.load(None, [*TINY, "train.client_models='shared'", "engine.workers=0"]))
+    shared = exp.clients[0].trainer
+    assert all(c.trainer is shared for c in exp.clients)
+    seen: list[torch.Tensor] = []
+    step = shared.step
+
+    def counting(chain, x_start, y, where=""):
+        seen.append(x_start.clone())
+        return step(chain, x_start, y, where)
+
+    shared.step = counting
+    report = local.run_round(exp, 0, InProcess(exp.clients))
+    batch = exp.cfg.train.batch_size
+    assert len(seen) == len(exp.clients) * exp.cfg.train.local_steps
+    for c in exp.clients:  # every client's batch came from its own images
+        mine = {x.numpy().tobytes() for x in c.data.train_x}
+        assert sum(all(row.numpy().tobytes() in mine for row in b) for b in seen) == exp.cfg.train.local_steps
+    assert sum(report["client_samples"]) == len(seen) * batch
+
+
+def test_the_two_stage_control_refuses_what_it_cannot_be() -> None:
+    with pytest.raises(ConfigError, match="train.client_models"):
+        config.load(None, [*TINY, "train.client_models='shared'", "split.t_zeta=0"])
+    with pytest.raises(ConfigError, match="cannot run train.client_models = 'shared'"):
+        local.train(build(config.load(None, [*TINY, "train.client_models='shared'", "engine.workers=1"])),
+                    Path("/nonexistent/never-written"), progress=False)
+
+
+def test_the_client_id_model_is_told_the_client() -> None:
+    """model.client_id: one class embedding per (class, client); uploads carry it, the server accepts them, and
+    the same class asked for by two clients gives the server's model two different outputs."""
+    exp = build(config.load(None, [*TINY, "model.client_id=true", "split.t_zeta=0", "engine.workers=0"]))
+    k = len(exp.clients)
+    assert exp.server.num_classes == 10 * k
+    up = exp.clients[1].make_upload(0)
+    assert up.labels is not None and ((up.labels - 1) % k == 0).all()  # label * k + client id 1
+    assert len(exp.server.accept([up])) == 1
+    y = torch.tensor([4])  # class 4 asked for as client 1 and as client 2
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([50])
+    with torch.no_grad():
+        a = exp.server.model.eps(0, exp.clients[1].encode(y), 1.0)(x, t)
+        b = exp.server.model.eps(0, exp.clients[2].encode(y), 1.0)(x, t)
+    assert not torch.allclose(a, b)
+    sampled = sample_clients(exp, {1: 2}, seed=0)
+    assert sampled.labels[1].tolist() == exp.clients[1].sample_labels(2).tolist()  # the metrics see plain classes
+
+
+def test_the_client_id_model_needs_class_labels() -> None:
+    with pytest.raises(ConfigError, match="model.client_id"):
+        config.load(None, [*TINY, "model.client_id=true", "model.conditional=false"])
+
+
+@pytest.mark.parametrize("extra, networks, server_steps, client_steps", [
+    ([], 4, 12, 12),  # a server and three clients: each round 3 uploads of 8 in batches of 8, one step per client
+    (["train.client_models='shared'", "engine.workers=0"], 2, 12, 12),  # the same steps on one low-noise model
+    (["split.t_zeta=0"], 1, 12, 0),  # one global model: the clients train nothing
+])
+def test_the_training_budget_counts_networks_steps_images_and_flops(tmp_path, extra, networks, server_steps,
+                                                                    client_steps) -> None:
+    import json
+
+    local.run(config.load(None, [*TINY, *extra]), tmp_path / "r", progress=False)
+    b = json.loads((tmp_path / "r" / "metrics.json").read_text())["train"]["budget"]
+    batch = 8  # TINY's train.batch_size, and its upload size
+    assert b["networks"] == networks and b["optimiser_steps"] == server_steps + client_steps
+    assert b["server_images"] == server_steps * batch and b["client_images"] == client_steps * batch
+    assert b["forward_flops_per_image"] > 0
+    assert b["training_flops"] == 3 * b["forward_flops_per_image"] * b["images_seen"]

@@ -318,7 +318,7 @@ def test_two_clients_with_different_cuts_each_get_the_unsplit_sampler_of_their_o
     for cid, (mu, sigma) in enumerate([(MU, SIGMA), (MU2, SIGMA2)]):
         y = torch.full((n,), cid)
         g = torch.Generator().manual_seed(cid)
-        x_cut = server.handover(n, y, cut=cuts[cid], sampler=sampler, steps=steps, generator=g)
+        x_cut = server.handover(n, y, cut=cuts[cid], sampler=sampler, steps=steps, clip=False, generator=g)
         client = labelled_oracle(schedule, 0).eps_fn(y)
         x = Split(schedule, cuts[cid]).client_sample(client, x_cut, sampler=sampler, steps=steps, generator=g)
         g = torch.Generator().manual_seed(cid)
@@ -331,3 +331,40 @@ def test_two_clients_with_different_cuts_each_get_the_unsplit_sampler_of_their_o
             for ts in split_ddim_timesteps(T, cuts[cid], steps):
                 ref = ddim_loop(schedule, eps32, ref, ts)
         torch.testing.assert_close(x, ref)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_one_clipping_rule_for_every_arm(sampler) -> None:
+    """The global arm (t_zeta = 0: every step the server's) and the lone-client arm (t_zeta = T: every step the
+    client's) clip alike: with a denoiser whose x_0 prediction lies outside [-1, 1] they draw the same images,
+    and the server's handover differs with and without ``clip`` (before, the server's steps never clipped)."""
+    from collafuse.server import Server
+    from collafuse.server_model import SharedModel
+
+    schedule = schedule_for(T)
+    far = 1.6  # the denoiser's x_0 prediction, out of range
+
+    class Far:
+        device = torch.device("cpu")
+
+        def eps_fn(self, y, guidance=1.0):
+            def eps(x, t):
+                a = schedule.abar[t].view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+                return (x - a.sqrt() * far) / (1 - a).sqrt()
+            return eps
+
+    steps = T if sampler == "ddpm" else 50
+    n = 64
+    server = Server(Split(schedule, 0), SharedModel(schedule, Far()), image_shape=(4, 1, 1), num_classes=2,
+                    client_ids=[0], batch_size=64, cuts={0: 0})
+    y = torch.zeros(n, dtype=torch.long)
+    outs = {}
+    for clip in (True, False):
+        outs[clip] = server.handover(n, y, sampler=sampler, steps=steps, clip=clip,
+                                     generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn((n, 4, 1, 1), generator=g)  # the server's first draw
+    alone = Split(schedule, T).client_sample(Far().eps_fn(y), x_T, sampler=sampler, steps=steps, generator=g,
+                                             clip=1.0)
+    assert torch.allclose(outs[True], alone, atol=1e-5)
+    assert (outs[False] - outs[True]).abs().mean() > 0.3  # unclipped the chain heads for 1.6, clipped for 1

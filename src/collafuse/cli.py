@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output PNG (default: RUN_DIR/samples/sample_client_C.png)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    d = sub.add_parser("data", help="each client's data: counts per client and a grid of real training images")
+    d.add_argument("config", nargs="?", help="TOML config (default: the embedded digits experiment)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="override a [data] key, e.g. --set data.name=glyphs")
+    d.add_argument("-n", type=int, default=26, help="images per client in the grid (default 26)")
+    d.add_argument("--out", default=None, help="grid PNG (default: <data.name>-clients.png here)")
+
     e = sub.add_parser("eval", help="quality, disclosure and memorisation metrics of a finished run")
     e.add_argument("run_dir", help="a run folder written by 'collafuse run'")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
@@ -211,6 +218,37 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import config
+    from .data import load_section
+    from .errors import ConfigError
+    from .report import grid_image, save_png
+
+    if args.n < 1:
+        raise ConfigError(f"-n {args.n}: give at least 1 image")
+    bad = [o for o in args.overrides if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: 'collafuse data' takes data.* keys only")
+    cfg = config.load(args.config, args.overrides)
+    data = load_section(cfg.data)
+    rng = np.random.RandomState(cfg.data.seed)
+    rows = []
+    for c in data.clients:
+        # the client's classes in turn (the same letters in every row where clients share them), random drawings
+        y = c.train_y.numpy()
+        pick = [rng.choice(np.flatnonzero(y == c.classes[j % len(c.classes)])) for j in range(args.n)]
+        rows.append(c.train_x[torch.as_tensor(pick)])
+        print(f"client {c.cid}: {len(c.train_x)} training and {len(c.test_x)} held-out images, "
+              f"classes {c.classes}")
+    path = Path(args.out) if args.out else Path(f"{data.name}-clients.png")
+    save_png(grid_image(rows, cell=4 * data.image_size), path)
+    print(f"wrote {path} (one row per client)")
+    return 0
+
+
 def _load_run(run_dir: Path, overrides: list[str], allowed: str):
     from . import checkpoint, config
     from .errors import CheckpointError, ConfigError
@@ -289,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="collafuse: %(levelname)s: %(message)s")
     try:
-        return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep,
+        return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep, "data": _cmd_data,
                 "report": _cmd_report, "privacy": _cmd_privacy,
                 "privacy-study": _cmd_privacy_study}[args.verb](args)
     except CollafuseError as exc:

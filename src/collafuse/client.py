@@ -161,8 +161,9 @@ class Client:
     def __init__(self, data: ClientData, split: Split, trainer: Trainer | None, *, batch_size: int,
                  upload_size: int, upload_dtype: str = "float32", conditional: bool = True,
                  attributes: bool = False, policy: FreshNoise | NoiseOnce | None = None,
-                 seeds: NoiseSeeds | None = None) -> None:
+                 seeds: NoiseSeeds | None = None, client_labels: int = 0) -> None:
         self.data = data
+        self.client_labels = client_labels  # > 0: the models are told the client too (label * this + client id)
         self.cid = data.cid
         self.split = split
         self.trainer = trainer
@@ -233,7 +234,15 @@ class Client:
         """What the models are conditioned on for images ``idx`` of ``part``: None, labels or attributes."""
         if not self.conditional:
             return None
-        return self.data.conditions(part, idx, self.attributes)
+        c = self.data.conditions(part, idx, self.attributes)
+        return c if self.attributes else self.encode(c)
+
+    def encode(self, labels: Tensor | None) -> Tensor | None:
+        """What the models are given for class ``labels``: the labels, or with the client-id baseline
+        (``client_labels`` > 0) one index per (class, client) pair."""
+        if labels is None or not self.client_labels or self.attributes:
+            return labels
+        return labels * self.client_labels + self.cid
 
     def privacy(self, delta: float) -> Guarantee:
         """The (epsilon, delta) guarantee of everything this client has uploaded so far."""

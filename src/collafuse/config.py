@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import NOISE_MODES, UPLOAD_DTYPES, UPLOAD_POLICIES
-from .data.base import DATASETS
+from .data.base import DATASETS, DEFAULT_CLIENTS
 from .errors import ConfigError
 from .files import write_text_atomic
 from .models import PRESETS
@@ -30,8 +30,6 @@ from .split import SAMPLERS, resolve_t_zeta
 from .training import PRECISIONS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLIENTS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
 def _one_of(values: Iterable[str]) -> str:
@@ -66,9 +64,12 @@ class RunSection:
 @dataclass
 class DataSection:
     name: str = _key("digits", lambda v, c: v in DATASETS, _one_of(DATASETS))
-    clients: list[list[int]] = _key(factory=lambda: [list(g) for g in DEFAULT_CLIENTS],
-                                    check=lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
-                                    allowed="a non-empty list of non-empty class lists, e.g. [[0, 1], [2, 3]]")
+    # class numbers per client; for glyphs, font names or patterns per client (the digits' default: the glyphs')
+    clients: list[list[int | str]] = _key(
+        factory=lambda: [list(g) for g in DEFAULT_CLIENTS],
+        check=lambda v, c: len(v) >= 1 and all(len(g) >= 1 for g in v),
+        allowed="a non-empty list of non-empty lists: class numbers, e.g. [[0, 1], [2, 3]], or for glyphs font "
+                "names, e.g. [[\"cmr10\"], [\"cmtt10\"]]")
     test_fraction: float = _key(0.2, lambda v, c: 0 < v < 1, "in (0, 1)")
     seed: int = 0
     root: str = ""
@@ -113,6 +114,10 @@ class ModelSection:
     condition: str = _key("label", lambda v, c: v in ("label", "attributes"),
                           "'label' (class labels) or 'attributes' (multi-hot vectors: celeba, awa2)")
     cond_dropout: float = _key(0.1, lambda v, c: 0 <= v < 1, "in [0, 1)")
+    # the client-id baseline: every model is also told which client an image belongs to (one class embedding per
+    # (class, client) pair); at t_zeta = 0 the strongest model with no privacy at all
+    client_id: bool = _key(False, lambda v, c: not v or (c.model.conditional and c.model.condition == "label"),
+                           "false, or true with model.conditional = true and model.condition = 'label'")
 
 
 @dataclass
@@ -141,6 +146,17 @@ class TrainSection:
                                 v == "none" or (c.split.t_zeta > 0 and len(set(c.split.client_cuts)) <= 1)),
                             "'none' or 'fedavg' (fedavg averages client models, so it needs split.t_zeta > 0 and "
                             "one cut for every client)")
+    # "own": one private low-noise model per client; "shared": the two-stage control, one low-noise model trained
+    # on every client's images in turn (the same networks and cut as a split run, no personalisation)
+    client_models: str = _key("own", lambda v, c: v == "own" or (
+                                  v == "shared" and c.split.t_zeta > 0 and len(set(c.split.client_cuts)) <= 1
+                                  and c.train.aggregation == "none"),
+                              "'own', or 'shared' (the two-stage control; it needs split.t_zeta > 0, one cut for "
+                              "every client and train.aggregation = 'none')")
+    # with "fedavg": the last this many rounds fine-tune each client's copy on its own data, unaveraged
+    # (personalised FedAvg; train.rounds, the total budget, stays the same)
+    finetune_rounds: int = _key(0, lambda v, c: v == 0 or (c.train.aggregation == "fedavg" and v < c.train.rounds),
+                                "0, or with train.aggregation = 'fedavg' fewer than train.rounds")
     checkpoint_every: int = _key(200, *_at_least(1))
     keep_checkpoints: int = _key(2, *_at_least(1))
 
@@ -165,6 +181,8 @@ class EvalSection:
     # held-out images per client noised to t_zeta for the disclosure metrics
     disclosure_images: int = _key(64, *_at_least(0, " (0 skips the disclosure metrics)"))
     seed: int = 12345  # noise of the disclosure images: the same for every run, so runs compare
+    # the curve of how well the server could tell the clients apart from x_t, against t (metrics/distinguish.py)
+    distinguish: bool = True
     # delta of the (epsilon, delta) privacy guarantee reported
     delta: float = _key(1e-5, lambda v, c: 0 < v < 1, "in (0, 1); below 1 / (training images per client)")
 

@@ -78,7 +78,16 @@ def conditioning(cfg: Config, data: DataSpec | FederatedData) -> tuple[int | Non
             raise ConfigError(f"model.condition = 'attributes' needs attribute vectors, which {data.name} does not "
                               f"have: use celeba or awa2, or model.condition = 'label'")
         return None, data.num_attributes
-    return data.num_classes, 0
+    return data.num_classes * max(1, client_label_groups(cfg, data)), 0
+
+
+def client_label_groups(cfg: Config, data: DataSpec | FederatedData) -> int:
+    """With model.client_id, the number of clients (every class label is paired with its client); else 0."""
+    if not cfg.model.client_id:
+        return 0
+    if not isinstance(data, FederatedData):
+        raise ConfigError("model.client_id is a baseline of the local engine: use engine.name = 'local'")
+    return len(data.clients)
 
 
 def build_denoiser(cfg: Config, data: DataSpec | FederatedData, seed: int) -> Denoiser:
@@ -179,7 +188,7 @@ def build_client(cfg: Config, spec: DataSpec | FederatedData, d: ClientData, cut
                   _trainer(cfg, spec, f"client {d.cid}", d.cid + 1) if cut > 0 else None,
                   batch_size=tr.batch_size, upload_size=tr.upload_size, upload_dtype=tr.upload_dtype,
                   conditional=cfg.model.conditional, attributes=num_attributes > 0, policy=make_policy(cfg),
-                  seeds=noise_seeds(cfg, d.cid))
+                  seeds=noise_seeds(cfg, d.cid), client_labels=client_label_groups(cfg, spec))
 
 
 def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
@@ -191,9 +200,13 @@ def build(cfg: Config, data: FederatedData | None = None) -> Experiment:
     ids = [c.cid for c in data.clients]
     cuts = client_cuts(cfg, ids)
     clients = [build_client(cfg, data, d, cuts[d.cid]) for d in data.clients]
-    server = build_server(cfg, data, ids, {c.cid: c.classes for c in data.clients})
+    # the labels each client may upload (paired with the client for the client-id baseline)
+    server = build_server(cfg, data, ids, {c.cid: c.encode(torch.tensor(c.data.classes)).tolist() for c in clients})
     if cfg.train.aggregation == "fedavg":
         share_initial_weights([c.trainer for c in clients])
+    if cfg.train.client_models == "shared":  # the two-stage control: every client steps one low-noise model
+        for c in clients[1:]:
+            c.trainer = clients[0].trainer
     return Experiment(cfg, data, server.split, server, clients)
 
 
@@ -216,7 +229,7 @@ def server_handover(server: Server, counts: dict[int, int], labels: dict[int, Te
         start = time.perf_counter()
         y = None if labels[ids[0]] is None else torch.cat([labels[cid] for cid in ids])
         x_cut = server.handover(sum(counts[cid] for cid in ids), y, cut=cut, sampler=s.sampler, steps=s.steps,
-                                eta=s.eta, guidance=s.guidance, generator=generator)
+                                eta=s.eta, guidance=s.guidance, clip=s.clip, generator=generator)
         if after_cut is not None:
             after_cut(cut)
         seconds += time.perf_counter() - start
@@ -258,7 +271,8 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
         bar.update(steps[cut][0])
         kill_point("sample")
 
-    parts, server_seconds = server_handover(exp.server, counts, labels, s, torch.Generator().manual_seed(base),
+    told = {cid: clients[cid].encode(y) for cid, y in labels.items()}  # what the models are given
+    parts, server_seconds = server_handover(exp.server, counts, told, s, torch.Generator().manual_seed(base),
                                             served)
     finished: dict[int, Tensor] = {}
     client_seconds: dict[int, float] = {}
@@ -266,7 +280,7 @@ def sample_clients(exp: Experiment, counts: dict[int, int], *, seed: int | None 
         for cid in ids:  # each client with its own generator: the order does not change a draw
             start = time.perf_counter()
             gc = torch.Generator().manual_seed(base + 1 + cid)
-            finished[cid] = clients[cid].finish(parts[cid], labels[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
+            finished[cid] = clients[cid].finish(parts[cid], told[cid], sampler=s.sampler, steps=s.steps, eta=s.eta,
                                                 guidance=s.guidance, clip=s.clip, generator=gc)
             client_seconds[cid] = time.perf_counter() - start
             bar.update(steps[cut][1])

@@ -191,18 +191,20 @@ class Server:
 
     def _train_round(self, uploads: list[Upload], round_: int) -> dict[str, float]:
         if not self.model.trainers() or not uploads:
-            return {"loss": float("nan"), "seconds": 0.0, "samples": 0}
+            return {"loss": float("nan"), "seconds": 0.0, "samples": 0, "steps": 0}
         start = time.perf_counter()
         losses: list[float] = []
         samples = self.model.train(uploads, self.batch_size, self.epochs, f"in round {round_}", losses)
-        return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start, "samples": samples}
+        return {"loss": sum(losses) / len(losses), "seconds": time.perf_counter() - start, "samples": samples,
+                "steps": len(losses)}
 
     def handover(self, n: int, labels: Tensor | None, *, cut: int | None = None, sampler: str = "ddpm",
-                 steps: int = 1000, eta: float = 0.0, guidance: float = 1.0,
+                 steps: int = 1000, eta: float = 0.0, guidance: float = 1.0, clip: bool = True,
                  generator: torch.Generator | None = None) -> Tensor:
         """Draw x_T ~ N(0, I) and denoise it to x_{cut} for a client (conditioned on its labels).
 
-        ``cut`` defaults to the run's t_zeta.
+        ``cut`` defaults to the run's t_zeta. ``clip`` bounds every step's x_0 prediction to [-1, 1], the rule of
+        the client's steps (:meth:`Client.finish`), so that every cut, t_zeta = 0 and T included, samples alike.
         """
         cut = self.split.t_zeta if cut is None else cut
         split = Split(self.split.schedule, cut)
@@ -212,7 +214,7 @@ class Server:
             return x_T
         x_T = x_T.to(trainer.device)  # sample where the model is; the client's finish returns to the CPU
         return split.server_sample(self.model.eps(cut, labels, guidance), x_T, sampler=sampler, steps=steps, eta=eta,
-                                   generator=generator, predicts=self.model.predicts)
+                                   generator=generator, predicts=self.model.predicts, clip=1.0 if clip else None)
 
 
 def _is_int(v: object) -> bool:

@@ -95,9 +95,10 @@ class Split:
 
     def server_sample(self, eps_fn: EpsFn, x_T: Tensor, sampler: str = "ddpm", steps: int = 1000, eta: float = 0.0,
                       generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None,
-                      predicts: str = "tail") -> Tensor:
+                      predicts: str = "tail", clip: float | None = None) -> Tensor:
         """Denoise x_T ~ N(0, I) down to the handover x_{t_zeta}. ``eps_fn`` predicts the tail chain's epsilon
-        (a tail model's training target), or the full chain's with ``predicts="full"`` (a shared model's)."""
+        (a tail model's training target), or the full chain's with ``predicts="full"`` (a shared model's).
+        ``clip`` bounds each step's x_0 prediction, as on the client's side: one rule for the whole chain."""
         chain = self.server_chain
         if predicts not in ("tail", "full"):
             raise ValueError(f"predicts = {predicts!r}: use 'tail' or 'full'")
@@ -106,7 +107,7 @@ class Split:
             return chain.eps_to_full(eps_fn(x, t), t)
 
         return self._sample(0, chain, eps_full if predicts == "tail" else eps_fn, x_T, sampler, steps, eta, generator,
-                            None, progress)
+                            clip, progress)
 
     def client_sample(self, eps_fn: EpsFn, x_t_zeta: Tensor, sampler: str = "ddpm", steps: int = 1000,
                       eta: float = 0.0, generator: torch.Generator | None = None, clip: float | None = None,

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from ..errors import DataError
 
+DEFAULT_CLIENTS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # digits: classes of each client
+
 
 @dataclass
 class ClientData:
@@ -66,6 +68,10 @@ def partition_by_class(y: np.ndarray, groups: list[list[int]]) -> list[np.ndarra
     for i, group in enumerate(groups):
         if not group:
             raise DataError(f"data.clients[{i}] is empty: give each client at least one class")
+        names = [v for v in group if not isinstance(v, (int, np.integer))]
+        if names:
+            raise DataError(f"data.clients[{i}] holds {names[0]!r}: give class numbers (font names are for "
+                            f"data.name = 'glyphs')")
         unknown = sorted(set(group) - known)
         if unknown:
             raise DataError(f"data.clients[{i}] names classes {unknown} that the data does not have "
@@ -136,6 +142,9 @@ def load_federated(
         if image_size not in (0, 8) or channels not in (0, 1):
             raise DataError("data.image_size and data.channels apply to folder data: the digits are 8x8 grayscale")
         x, y = load_digits_images()
+    elif name == "glyphs":
+        return _glyphs(clients, image_size, channels, partition, test_fraction, seed, train_per_client,
+                       test_per_client, rng)
     elif name == "folder":
         from .folder import load_folder_images
 
@@ -184,7 +193,7 @@ def load_federated(
     return _assemble(name, x, y_used, splits, int(y.max()) + 1, ids, attrs, attr_names)
 
 
-DATASETS = ("digits", "cifar10", "celeba", "awa2", "folder")
+DATASETS = ("digits", "glyphs", "cifar10", "celeba", "awa2", "folder")
 
 
 def _cap(idx: np.ndarray, n: int, rng: np.random.RandomState, what: str) -> np.ndarray:
@@ -250,6 +259,27 @@ def _celeba(root: str, image_size: int, channels: int, partition: str, num_clien
             c.train_y.fill_(c.cid)
             c.test_y.fill_(c.cid)
     return fed
+
+
+def _glyphs(clients: list[list], image_size: int, channels: int, partition: str, test_fraction: float, seed: int,
+            train_n: int, test_n: int, rng: np.random.RandomState) -> FederatedData:
+    from .glyphs import DEFAULT_GROUPS, DEFAULT_SIZE, LETTERS, load_glyphs
+
+    if channels not in (0, 1):
+        raise DataError("data.channels must be 0 or 1 for glyphs (grayscale)")
+    if partition != "class":
+        raise DataError(f"data.partition = {partition!r} does not apply to glyphs: its clients are font groups "
+                        f"(data.clients), so leave it at 'class'")
+    if all(isinstance(v, int) for g in clients for v in g):
+        if [list(g) for g in clients] != [list(g) for g in DEFAULT_CLIENTS]:
+            raise DataError("data.clients holds class numbers, but a glyphs client is a list of font names or "
+                            "patterns, e.g. [[\"DejaVuSans*\"], [\"cmr10\", \"STIXGeneral\"]]")
+        clients = DEFAULT_GROUPS  # the digits' default class groups were left: the glyphs' default style groups
+    x, y, splits, ids = load_glyphs(clients, image_size or DEFAULT_SIZE, test_fraction, seed)
+    splits = [(_cap(tr, train_n, rng, f"client {i} training images"),
+               _cap(te, test_n, rng, f"client {i} held-out images")) for i, (tr, te) in enumerate(splits)]
+    part_ids = [[ids[k] for k in idx] for s in splits for idx in s]
+    return _assemble("glyphs", x, y, splits, len(LETTERS), part_ids)
 
 
 def load_section(d) -> FederatedData:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,26 +64,35 @@ def decode(files: list[Path], size: int, channels: int = 3, progress: bool = Tru
 
     if size < 1:
         raise DataError("data.image_size must be set (> 0) for this dataset: its images have mixed sizes")
-    folder = cache_dir() / "images"
-    path = folder / f"{_key(files, size, channels)}.npy"
-    shape = (len(files), channels, size, size)
+    path = cache_dir() / "images" / f"{_key(files, size, channels)}.npy"
+
+    def fill(out: np.ndarray) -> None:
+        for i, f in enumerate(tqdm(files, desc="decoding images", unit="img", disable=not progress or len(files) < 500,
+                                   leave=False)):
+            im = resize_crop(open_image(f), size).convert("L" if channels == 1 else "RGB")
+            a = np.asarray(im, dtype=np.uint8)
+            out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+    return cached_uint8(path, (len(files), channels, size, size), fill)
+
+
+def cached_uint8(path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """The uint8 array of ``shape`` cached at ``path``, memory-mapped; made by ``fill`` (which writes into the
+    array it is given) when the cache lacks it or holds a damaged file, into a temporary file renamed into
+    place, so that an interrupted fill leaves nothing behind."""
     if path.exists():
         try:
             arr = np.load(path, mmap_mode="r")
             if arr.shape == shape and arr.dtype == np.uint8:
                 return arr
         except (OSError, ValueError):
-            pass  # damaged: decode again below
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=folder)
+            pass  # damaged: make it again below
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        for i, f in enumerate(tqdm(files, desc="decoding images", unit="img", disable=not progress or len(files) < 500,
-                                   leave=False)):
-            im = resize_crop(open_image(f), size).convert("L" if channels == 1 else "RGB")
-            a = np.asarray(im, dtype=np.uint8)
-            out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+        fill(out)
         out.flush()
         del out
         os.replace(tmp, path)

@@ -148,9 +148,9 @@ ClientExecutor = InProcess | ClientWorkers | ClientThread
 def where_clients_train(exp: Experiment) -> int | str:
     """engine.workers as a number of processes, or ``"thread"``. ``"auto"`` trains the clients beside the
     server where that is safe and pays: on the CPU, with at least two threads to share out (the server and
-    the clients get half each) and clients that train on their own (not fedavg). Then it is one worker
-    process for runs of at least AUTO_MIN_ROUNDS rounds (the whole run's, so that a resumed run decides as
-    the uninterrupted one did) from a program that a spawned process can import without running it again
+    the clients get half each) and clients that train on their own (not fedavg, not the shared control). Then
+    it is one worker process for runs of at least AUTO_MIN_ROUNDS rounds (the whole run's, so that a resumed run
+    decides as the uninterrupted one did) from a program that a spawned process can import without running it again
     (:func:`spawn_is_safe`: the ``collafuse`` command, a notebook), and a thread of this process otherwise (a
     script of yours, a short run: a thread starts at once and needs no guard). Elsewhere it is 0."""
     n = exp.cfg.engine.workers
@@ -158,7 +158,8 @@ def where_clients_train(exp: Experiment) -> int | str:
         return n
     if n != "auto":
         return int(n)
-    if not (exp.cfg.train.aggregation != "fedavg" and all(t.device.type == "cpu" for t in exp.trainers.values())
+    if not (exp.cfg.train.aggregation != "fedavg" and exp.cfg.train.client_models == "own"
+            and all(t.device.type == "cpu" for t in exp.trainers.values())
             and (exp.cfg.engine.threads or torch.get_num_threads()) >= 2
             and any(c.trainer is not None for c in exp.clients)):
         return 0
@@ -176,6 +177,9 @@ def clients_executor(exp: Experiment, rounds: int) -> Iterator[ClientExecutor]:
     if exp.cfg.train.aggregation == "fedavg":
         raise ConfigError(f"engine.workers = {n!r} cannot run train.aggregation = 'fedavg' (it averages the "
                           f"clients' weights every round); set engine.workers = 0")
+    if exp.cfg.train.client_models == "shared" and n != "thread":
+        raise ConfigError(f"engine.workers = {n!r} cannot run train.client_models = 'shared' (every client steps one "
+                          f"model); set engine.workers = 0 or 'thread'")
     if any(t.device.type != "cpu" for t in exp.trainers.values()):
         raise ConfigError(f"engine.workers = {n!r} trains the clients beside the server on the CPU; on a GPU set "
                           f"engine.workers = 0")

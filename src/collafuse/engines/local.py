@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import checkpoint
 from ..aggregation import fedavg
 from ..config import Config
@@ -75,7 +77,7 @@ def run_round(exp: Experiment, r: int, pool: ClientExecutor, ahead: bool = False
         pool.post_round(r + 1, tr.local_steps)
     uploads = [u for u in uploads if u is not None]
     sent = [u.nbytes for u in uploads]
-    if tr.aggregation == "fedavg":
+    if tr.aggregation == "fedavg" and r < tr.rounds - tr.finetune_rounds:  # then each fine-tunes its own copy
         sent = fedavg([c.trainer for c in exp.clients], [len(c.data.train_x) for c in exp.clients])
     kill_point("round")
     accepted = exp.server.accept(uploads)
@@ -86,6 +88,7 @@ def run_round(exp: Experiment, r: int, pool: ClientExecutor, ahead: bool = False
         "server_loss": num(server_metrics["loss"]),
         "client_loss": [num(m["loss"]) for m in client_metrics],
         "server_seconds": server_metrics["seconds"], "server_samples": server_metrics["samples"],
+        "server_steps": server_metrics["steps"],
         "client_seconds": [m["seconds"] for m in client_metrics],
         "client_samples": [m["samples"] for m in client_metrics],
         "upload_bytes": sent, "rejected": len(uploads) - len(accepted),
@@ -121,7 +124,36 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
         sampling=Sampling(s.sampler, s.steps, s.n_per_client * len(exp.clients), out.server_steps,
                           out.client_steps, out.server_seconds, sum(out.client_seconds.values())),
         train_extra={"workers": max((h.get("workers", 0) for h in history), default=0),
-                     "client_thread": any(h.get("client_thread", False) for h in history)}))
+                     "client_thread": any(h.get("client_thread", False) for h in history),
+                     "budget": training_budget(exp, history)}))
+
+
+def training_budget(exp: Experiment, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run spent on training, so that arms compare at a visible budget: networks trained, optimiser
+    steps, images seen and training FLOPs (3 forward passes per image: forward and backward; the forward's
+    FLOPs counted by PyTorch on one image of each network)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    nets = {id(t): t for t in exp.trainers.values()}
+    batch = exp.cfg.train.batch_size
+    server_images = sum(h["server_samples"] for h in history)
+    client_images = sum(sum(h["client_samples"]) for h in history)
+    flops = {}
+    for t in exp.trainers.values():
+        if id(t) in flops:
+            continue
+        model = t.model
+        x = torch.zeros((1, exp.data.channels, exp.data.image_size, exp.data.image_size), device=t.device)
+        y = (torch.zeros(1, model.num_attributes, device=t.device) if model.num_attributes
+             else None if model.num_classes is None else torch.zeros(1, dtype=torch.long, device=t.device))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            t._forward(x, torch.ones(1, dtype=torch.long, device=t.device), y)
+        flops[id(t)] = counter.get_total_flops()
+    per_image = max(flops.values()) if flops else 0  # every network of a run has the same architecture
+    return {"networks": len(nets), "optimiser_steps": sum(h.get("server_steps", 0) for h in history)
+            + client_images // batch, "images_seen": server_images + client_images,
+            "server_images": server_images, "client_images": client_images,
+            "forward_flops_per_image": per_image, "training_flops": 3 * per_image * (server_images + client_images)}
 
 
 def privacy_summary(exp: Experiment) -> dict[str, Any]:

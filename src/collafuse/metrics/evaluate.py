@@ -6,9 +6,12 @@ when a local model folder is configured), each with KID and k-NN precision/recal
 
 Disclosure, on held-out images noised to t_zeta exactly as an upload would be:
 * the paper's measure: the distance (domain FID, FID) of those x_{t_zeta} to the real images;
-* the best reconstruction the server could make: the posterior mean E[x_0 | x_{t_zeta}] estimated
-  with the client's own denoiser, trained on the very same kind of images (an upper bound on what
-  an attacker's denoiser achieves), as PSNR and SSIM, beside a blind guess (the client's mean image);
+* a reconstruction from one upload: the better of two posterior means E[x_0 | x_{t_zeta}] (under the
+  client's own denoiser; the exact Bayes estimate under the public images of :mod:`collafuse.public`),
+  as PSNR and SSIM against the image as released, beside the blind guess of `collafuse privacy` (the
+  public images' mean, of the upload's label where the server is told it). Neither is an upper bound
+  on an attacker; ``collafuse privacy`` runs the full set of attacks (averaging, regeneration,
+  membership) on the same private half of the held-out images;
 * the signal-to-noise ratio abar / (1 - abar) at the cut.
 
 Memorisation: distance from each sample to its nearest training image of that client, against
@@ -32,9 +35,12 @@ from torch import Tensor
 from ..client import clip_l2
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
+from ..public import PublicPrior, split_held_out
 from ..split import posterior_mean
-from .agreement import LabelClassifier
+from .agreement import ClientClassifier, LabelClassifier
 from .distances import METRIC_LABELS, frechet_features, kid, nearest_distances, precision_recall
+from .distinguish import distinguishability
+from .distinguish import plot as plot_distinguishability
 from .features import ClipFeatures, DomainFeatures, Extractor, InceptionFeatures, resolve_inception
 
 SMALL_SAMPLE_FACTOR = 10  # a Frechet distance from fewer than 10 x dim images is biased and noisy
@@ -100,6 +106,7 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
     ev = exp.cfg.eval
     if ev.disclosure_images == 0 or not any(c.split.server_active for c in exp.clients):
         return None
+    prior = PublicPrior.of(exp.clients)
     per: dict[str, Any] = {}
     uploads = []
     for c in exp.clients:
@@ -108,21 +115,26 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
             continue
         t = split.t_zeta
         abar = float(split.schedule.abar[t])
-        x0 = c.data.test_x[:ev.disclosure_images]
-        y = c.condition("test", slice(0, ev.disclosure_images))
-        g = torch.Generator().manual_seed(ev.seed + c.cid)
+        # the private half of the held-out images (the public half is the server's prior), as `collafuse privacy`
+        idx = split_held_out(len(c.data.test_x))[0][:ev.disclosure_images]
+        clip_norm = c.policy.clip_norm
         # exactly as the client's policy would upload it: clipped first if the policy clips
-        x_t = split.schedule.add_noise(clip_l2(x0.float(), c.policy.clip_norm), torch.randn(x0.shape, generator=g),
-                                       t).float()
+        x0 = clip_l2(c.data.test_x[idx].float(), clip_norm)
+        g = torch.Generator().manual_seed(ev.seed + c.cid)
+        x_t = split.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).float()
+        label = c.data.test_y[idx] if prior.labelled and c.conditional else None  # sent with the upload
+        blind = prior.mean(len(x0), label, clip_norm)
         if t == 0:
-            x0_hat = x_t.clone()  # the raw image itself crosses the wire
+            estimates = {"raw": x_t.clone()}  # the raw image itself crosses the wire
         else:
-            x0_hat = posterior_mean(split, c.trainer.eps_fn(y), x_t, t)
-        blind = c.data.train_x.float().mean(0, keepdim=True).expand_as(x0)
-        exact = math.inf if t == 0 else None
-        per[str(c.cid)] = {"t_zeta": t, "snr_db": _snr_db(abar), "images": len(x0),
-                           "psnr": exact or float(psnr(x0_hat, x0).mean()),
-                           "ssim": float(ssim(x0_hat, x0).mean()),
+            estimates = {"client_denoiser": posterior_mean(split, c.trainer.eps_fn(c.condition("test", idx)), x_t, t),
+                         "public_prior": prior.posterior_mean(x_t, math.sqrt(abar), 1.0 - abar, label, clip_norm)}
+        scores = {k: float(psnr(v, x0).mean()) for k, v in estimates.items()}
+        best = max(scores, key=scores.get)
+        per[str(c.cid)] = {"t_zeta": t, "snr_db": _snr_db(abar), "images": len(x0), "best": best,
+                           "psnr": math.inf if t == 0 else scores[best],
+                           "ssim": float(ssim(estimates[best], x0).mean()),
+                           "psnr_by_estimate": scores,
                            "psnr_blind": float(psnr(blind, x0).mean()), "ssim_blind": float(ssim(blind, x0).mean())}
         uploads.append(x_t)
     x_up = torch.cat(uploads)
@@ -130,7 +142,9 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
     out: dict[str, Any] = {
         "t_zeta": t, "client_cuts": {str(k): v for k, v in exp.cuts.items()},
         "snr": abar / (1 - abar) if abar < 1 else math.inf, "snr_db": _snr_db(abar),
-        "reconstruction": {"tool": "posterior mean E[x0 | x_t] from the client's own denoiser (upper bound)",
+        "reconstruction": {"tool": "the better of two posterior means E[x0 | x_t] (the client's own denoiser; "
+                                   "Bayes under the public images), per client; not an upper bound: "
+                                   "`collafuse privacy` runs every attack",
                            "per_client": per,
                            "psnr": float(np.mean([v["psnr"] for v in per.values()])),
                            "ssim": float(np.mean([v["ssim"] for v in per.values()])),
@@ -208,6 +222,19 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
         result["label_agreement"] = {
             "classifier_test_accuracy": clf.test_accuracy,
             "per_client": {str(c.cid): clf.agreement(samples[c.cid], out.labels[c.cid]) for c in exp.clients}}
+    several = len(exp.clients) > 1 and ClientClassifier.applicable(exp.data)
+    if several:
+        cc = ClientClassifier(exp.data)
+        per = {str(c.cid): cc.agreement(samples[c.cid], c.cid) for c in exp.clients}
+        result["client_agreement"] = {"classifier_test_accuracy": cc.test_accuracy, "per_client": per,
+                                      "mean": float(np.mean(list(per.values())))}
+    if several and ev.distinguish:
+        told = exp.cfg.model.conditional and exp.cfg.model.condition == "label"
+        result["distinguishability"] = distinguishability(exp.data, exp.split.schedule, given_label=told,
+                                                          seed=ev.seed)
+        if run_dir is not None:
+            plot_distinguishability(result["distinguishability"], Path(run_dir) / "plots" / "distinguishability.png",
+                                    cut=exp.split.t_zeta)
     result["eval_seconds"] = time.perf_counter() - start
     if run_dir is not None:
         write_text_atomic(Path(run_dir) / "eval.json", json.dumps(result, indent=1))
@@ -248,6 +275,12 @@ def table(result: dict[str, Any]) -> str:
     if la:
         vals = [la["per_client"][c] for c in clients]
         lines.append(f"{'labels ok':<10}" + "".join(f"{v:>14.1%}" for v in vals))
+    ca = result.get("client_agreement")
+    if ca:
+        vals = [ca["per_client"][c] for c in clients]
+        lines.append(f"{'client ok':<10}" + "".join(f"{v:>14.1%}" for v in vals)
+                     + f"  (share of a client's samples named its own; classifier's held-out accuracy "
+                       f"{ca['classifier_test_accuracy']:.1%})")
     for note in result["missing"]:
         lines.append(note)
     d = result["disclosure"]
@@ -255,10 +288,19 @@ def table(result: dict[str, Any]) -> str:
         lines.append("disclosure: nothing about the images is sent at this setting")
     else:
         r = d["reconstruction"]
-        lines.append(f"disclosure at t_zeta = {d['t_zeta']}: SNR {d['snr_db']:.1f} dB; best reconstruction PSNR "
+        lines.append(f"disclosure at t_zeta = {d['t_zeta']}: SNR {d['snr_db']:.1f} dB; one-upload reconstruction PSNR "
                      f"{r['psnr']:.2f} dB, SSIM {r['ssim']:.3f} (blind guess {r['psnr_blind']:.2f} dB, "
                      f"{r['ssim_blind']:.3f}); domain FID of uploads to real "
-                     f"{d['upload_distance']['domain_fid']['frechet']:.2f}")
+                     f"{d['upload_distance']['domain_fid']['frechet']:.2f} (more attacks: collafuse privacy RUN_DIR)")
+    dd = result.get("distinguishability")
+    if dd and dd["label_names_client"]:
+        lines.append("telling the clients apart from x_t: the label sent with each upload names its client")
+    elif dd:
+        curve = ", ".join(f"t={p['t']}: {p['accuracy']:.0%}" for p in dd["points"])
+        level = dd["indistinguishable_from"]
+        lines.append(f"telling the clients apart from x_t{' given the label' if dd['given_label'] else ''} "
+                     f"(chance {dd['chance']:.0%}): {curve}; "
+                     + (f"at chance from t = {level} on" if level is not None else "above chance at every t"))
     m = result["memorisation"]
     lines.append(f"memorisation: median nearest-training distance of samples / of held-out images = {m['ratio']:.2f}; "
                  f"{m['share_closer_than_heldout_p5']:.1%} of samples closer than 95% of held-out images")

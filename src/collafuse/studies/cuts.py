@@ -147,7 +147,12 @@ def summarise(meta: dict, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
                           "client_seconds": "eval.sampling.client_seconds",
                           "server_seconds": "eval.sampling.server_seconds",
                           "wall": "metrics.wall_seconds",
-                          "upload_bytes": "metrics.upload.bytes_per_client_round"}.items():
+                          "upload_bytes": "metrics.upload.bytes_per_client_round",
+                          "client_agreement": "eval.client_agreement.mean",
+                          "networks": "metrics.train.budget.networks",
+                          "optimiser_steps": "metrics.train.budget.optimiser_steps",
+                          "images_seen": "metrics.train.budget.images_seen",
+                          "training_flops": "metrics.train.budget.training_flops"}.items():
             row[key] = _agg(rs, path)
         n_img = first["n_per_client"] * len(clients)
         cs = row["client_seconds"][0] / n_img if n_img else math.nan

@@ -14,6 +14,11 @@ from ..metrics.distances import METRIC_LABELS
 from .cuts import FEDAVG, collect, fmt, summarise, verdict
 
 
+def _sci(v: tuple[float, float, int]) -> str:
+    """A large count in three significant digits ('-' where there is none)."""
+    return "-" if v[2] == 0 or math.isnan(v[0]) else f"{v[0]:.3g}"
+
+
 def _label(row: dict) -> str:
     if row["setting"] == FEDAVG:
         return "FedAvg"
@@ -91,11 +96,12 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
         finite = [min(r["psnr"][0], 60.0) for r in sent]  # t_zeta = 0 sends x_0 itself: infinite PSNR
         axes[0].errorbar(xs, finite, yerr=[r["psnr"][1] for r in sent], marker="o", capsize=3,
-                         label="server's best reconstruction")
-        axes[0].plot(xs, [r["psnr_blind"][0] for r in sent], ls="--", color="gray", label="blind guess (mean image)")
+                         label="server's one-upload reconstruction")
+        axes[0].plot(xs, [r["psnr_blind"][0] for r in sent], ls="--", color="gray",
+                     label="blind guess (public mean image)")
         axes[0].set_ylabel("PSNR of x0 from x_t_zeta (dB; capped at 60)")
         axes[1].errorbar(xs, [r["ssim"][0] for r in sent], yerr=[r["ssim"][1] for r in sent], marker="o", capsize=3,
-                         label="server's best reconstruction")
+                         label="server's one-upload reconstruction")
         axes[1].plot(xs, [r["ssim_blind"][0] for r in sent], ls="--", color="gray", label="blind guess")
         axes[1].set_ylabel("SSIM")
         axes[2].plot(xs, [r["upload_domain_fid"][0] for r in sent], marker="o", label="domain FID of uploads")
@@ -193,10 +199,21 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     for r in rows:
         lines.append(f"| {_label(r)} | {fmt(r['client_share'], pct=True)} | {r['client_seconds_per_image']:.4f} | "
                      f"{fmt(r['upload_bytes'], 0)} |")
+    if any(not math.isnan(r["networks"][0]) for r in rows):
+        lines += ["", "## Training budget", "",
+                  "What each arm spent on training (runs of collafuse 0.x before the budget was recorded show '-'): "
+                  "networks trained, optimiser steps and images seen in all (server and clients together), and "
+                  "training FLOPs (3 forward passes per image, the forward counted by PyTorch).", "",
+                  "| t_zeta | networks | optimiser steps | images seen | training FLOPs |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {_label(r)} | {fmt(r['networks'], 0)} | {fmt(r['optimiser_steps'], 0)} | "
+                         f"{fmt(r['images_seen'], 0)} | {_sci(r['training_flops'])} |")
     lines += ["", "![compute](plots/compute.png)", "", "## Disclosure: what the server receives", "",
-              "Held-out images noised to t_zeta as an upload would be. PSNR/SSIM: the server's best reconstruction "
-              "of x_0 (posterior mean from the client's own denoiser, an upper bound for an attacker's denoiser), "
-              "beside a blind guess (the client's mean training image). Upload FID: the paper's measure, the distance "
+              "Held-out images noised to t_zeta as an upload would be. PSNR/SSIM: the server's reconstruction of x_0 "
+              "from one upload (the better of two posterior means: under the client's own denoiser, and Bayes under "
+              "public images), beside a blind guess (the public images' mean, of the upload's label where the server "
+              "is told it); not an upper bound: `collafuse privacy` runs every attack. Upload FID: the paper's "
+              "measure, the distance "
               "of the uploads to all held-out images; at t_zeta = 0 it is the floor (a subset of real images "
               "against all).",
               "",

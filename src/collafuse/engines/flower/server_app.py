@@ -70,6 +70,11 @@ def check(cfg: Config) -> None:
     if cfg.train.aggregation != "none":
         raise FlowerRunError(f"train.aggregation = {cfg.train.aggregation!r} is a baseline of the local engine; "
                              f"use engine.name = 'local' for it")
+    if cfg.model.client_id:
+        raise FlowerRunError("model.client_id is a baseline of the local engine; use engine.name = 'local' for it")
+    if cfg.train.client_models != "own":
+        raise FlowerRunError(f"train.client_models = {cfg.train.client_models!r} is a control of the local engine (a "
+                             f"Flower node cannot step another node's model); use engine.name = 'local' for it")
     n = expected_clients(cfg)
     if cfg.flower.min_clients > n:
         raise FlowerRunError(f"flower.min_clients = {cfg.flower.min_clients} is more than the {n} clients of the "
