@@ -102,3 +102,10 @@ def test_the_data_verb_draws_a_row_per_client(tmp_path, capsys) -> None:
     w, h = Image.open(out).size
     assert (w, h) == (5 * (64 + 2) + 2, 2 * (64 + 2) + 2)  # 5 images of 16x16 enlarged 4x, two clients
     assert main(["data", "--set", "train.rounds=3"]) != 0
+
+
+def test_the_glyphs_config_holds_the_default_groups() -> None:
+    from pathlib import Path
+
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "glyphs.toml")
+    assert cfg.data.name == "glyphs" and cfg.data.clients == glyphs.DEFAULT_GROUPS and cfg.data.image_size == 16
