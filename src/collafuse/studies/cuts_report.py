@@ -201,7 +201,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
                      f"{fmt(r['upload_bytes'], 0)} |")
     if any(not math.isnan(r["networks"][0]) for r in rows):
         lines += ["", "## Training budget", "",
-                  "What each arm spent on training (runs of collafuse 0.x before the budget was recorded show '-'): "
+                  "What each arm spent on training (runs made before the budget was recorded show '-'): "
                   "networks trained, optimiser steps and images seen in all (server and clients together), and "
                   "training FLOPs (3 forward passes per image, the forward counted by PyTorch).", "",
                   "| t_zeta | networks | optimiser steps | images seen | training FLOPs |", "|---|---|---|---|---|"]
