@@ -44,6 +44,8 @@ from collafuse import config
 from collafuse.experiment import build, resolve_device
 from collafuse.files import write_text_atomic
 
+from . import samplers
+
 
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -401,19 +403,11 @@ def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
 
 def bench_sampler_quality(cfg: config.Config, rounds: int, n: int, ddim_steps: list[int]) -> dict:
     """Train the default experiment briefly, then domain FID (pooled) of each sampler on the same model."""
-    import tempfile
-
-    from collafuse.engines.local import train
     from collafuse.experiment import sample_clients
     from collafuse.metrics.distances import kid
     from collafuse.metrics.evaluate import compare, extractors
 
-    cfg = config.load(None, [f"train.rounds={rounds}", "eval.inception='off'"])
-    exp = build(cfg)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        train(exp, Path(tmp), progress=False)
-    train_s = time.perf_counter() - t0
+    cfg, exp, train_s = samplers.trained_digits(rounds)
     domain = extractors(exp)["domain_fid"]
     real = [domain.cached(c.data.test_x) for c in exp.clients]
 
@@ -530,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
              "sampling": lambda: bench_sampling(cfg, 16 if args.quick else 64, [50] if args.quick else [25, 50, 100]),
              "sampler_quality": lambda: bench_sampler_quality(cfg, 100 if args.quick else 300,
                                                               32 if args.quick else 100, [25, 50, 100]),
+             "solvers": lambda: samplers.bench(**(dict(rounds=100, per_client=20, seeds=2, steps=(10,))
+                                                  if args.quick else {})),
              "client_cost": lambda: bench_client_cost(cfg, 16 if args.quick else 32, [1000, 500, 200, 50]),
              "communication": lambda: bench_communication(cfg),
              "memory": bench_memory}
@@ -545,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-STEPS = ("training", "candidates", "rounds", "sampling", "sampler_quality", "client_cost", "communication", "memory")
+STEPS = ("training", "candidates", "rounds", "sampling", "sampler_quality", "solvers", "client_cost", "communication",
+         "memory")
 
 
 def _warmup(variant: str, c: dict) -> str:
@@ -639,6 +636,8 @@ def render(r: dict) -> str:
         mem = r["memory"]
         lines.append(f"| peak RSS, MiB | client {mem['client_peak_rss_mib']:.0f}, server "
                      f"{mem['server_peak_rss_mib']:.0f} | | |")
+    if "solvers" in r:
+        lines += ["", samplers.render(r["solvers"])]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from collafuse.schedule import NoiseSchedule
+from collafuse.split import Split
 
 # Small but real settings: the same code paths as the default run, sized to take seconds.
 # Runs that are compared bit for bit with other runs (same seed, resume against straight, engine against
@@ -197,3 +201,97 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                   serialization.PublicFormat.OpenSSH))
     return priv, pub
+
+
+def read_events(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, int, int]]],
+                                       dict[str, object]]:
+    """A TensorBoard event folder read back with TensorBoard's own reader: scalars (step, value) and images
+    (step, width, height) by tag, and the hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    scalars = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    images = {t: [(e.step, e.width, e.height) for e in ea.Images(t)] for t in ea.Tags()["images"]}
+    data = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams: dict[str, object] = {}
+    for k, v in data.session_start_info.hparams.items():
+        kind = v.WhichOneof("kind")
+        hparams[k] = getattr(v, kind)
+    for k, v in list(hparams.items()):
+        if isinstance(v, float) and v.is_integer():
+            hparams[k] = int(v)
+    return scalars, images, hparams
+
+
+# --- the Gaussian oracle of tests/test_oracle.py and tests/test_solvers.py (docs/design.md section 3) --------------
+
+T = 1000
+N = 20_000
+MU = torch.tensor([0.5, -0.3, 0.2, 0.0], dtype=torch.float64)
+_A = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.6, 0.5, 0.0, 0.0], [-0.3, 0.2, 0.3, 0.0], [0.1, -0.1, 0.2, 0.15]],
+                  dtype=torch.float64)
+SIGMA = _A @ _A.T  # non-isotropic, eigenvalues spread over two orders of magnitude (smallest about 0.01)
+SMALL_T = 97  # an unusual T, with the betas scaled by 1000 / T so that the chain still ends near pure noise
+Z = 4.5  # standard errors allowed: a false alarm about once in 10^5 comparisons
+
+
+def schedule_for(steps: int) -> NoiseSchedule:
+    return NoiseSchedule.linear(steps, 1e-4 * 1000 / steps, 0.02 * 1000 / steps)
+
+
+def oracle(schedule: NoiseSchedule, start: int, mu: torch.Tensor = MU, sigma: torch.Tensor = SIGMA):
+    """The optimal epsilon of the chain whose data is x_start, as an eps_fn (start 0: the full chain)."""
+    eye = torch.eye(len(mu), dtype=torch.float64)
+    abar = schedule.abar
+    cache: dict[int, torch.Tensor] = {}
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = int(t[0])
+        if step not in cache:
+            a = float(abar[step])
+            rel = a / float(abar[start])
+            c = a * sigma + (1 - a) * eye
+            cache[step] = (1 - rel) ** 0.5 * torch.linalg.inv(c)
+        a = float(abar[step])
+        return (x - a**0.5 * mu) @ cache[step].T
+
+    return eps_fn
+
+
+def marginal(schedule: NoiseSchedule, t: int, mu: torch.Tensor = MU, sigma: torch.Tensor = SIGMA):
+    """The true (mean, covariance) of x_t."""
+    a = float(schedule.abar[t])
+    return a**0.5 * mu, a * sigma + (1 - a) * torch.eye(len(mu), dtype=torch.float64)
+
+
+def split_sample(schedule: NoiseSchedule, t_zeta: int, sampler: str, steps: int, seed: int = 0, n: int = N):
+    """(handover x_{t_zeta}, x_0) of the split sampler with oracle denoisers."""
+    split = Split(schedule, t_zeta)
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, len(MU), generator=g, dtype=torch.float64)
+    x_cut = split.server_sample(oracle(schedule, t_zeta), x_T, sampler=sampler, steps=steps, generator=g)
+    return x_cut, split.client_sample(oracle(schedule, 0), x_cut, sampler=sampler, steps=steps, generator=g)
+
+
+def whitened_errors(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
+    """Errors of the sample mean and covariance in the coordinates where the truth is N(0, I), so that a
+    small-variance direction counts as much as a large one: ||W (m - mean)|| and ||W S W - I||_F, W = cov^-1/2.
+    """
+    vals, vecs = torch.linalg.eigh(cov)
+    w = vecs @ torch.diag(vals.rsqrt()) @ vecs.T
+    m_err = float((w @ (x.mean(0) - mean)).norm())
+    c_err = float((w @ torch.cov(x.T) @ w - torch.eye(len(mean), dtype=torch.float64)).norm())
+    return m_err, c_err
+
+
+def tolerances(n: int) -> tuple[float, float]:
+    """Z standard errors of the difference between two samplers' whitened errors, each from ``n`` draws.
+
+    A difference of two norms of B + noise moves by at most the noise's largest projection: the whitened
+    sample mean has variance 1/n per direction, and the whitened sample covariance of Gaussian draws at most
+    2/n (a diagonal entry, or an off-diagonal pair counted twice). Two independent samplers double it.
+    """
+    return Z * math.sqrt(2 / n), Z * math.sqrt(2 * 2 / n)

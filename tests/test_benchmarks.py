@@ -138,3 +138,27 @@ def test_handover_script_shows_the_old_narrowing_and_the_split_equal_to_no_split
     assert math.isclose(r["ddpm_split"], r["ddpm_unsplit"], rel_tol=1e-9)
     assert math.isclose(r["ddim_split"], r["ddim_unsplit"], rel_tol=1e-9)
     assert r["ddpm_tail"] < 0.85 * r["ddpm_split"]  # tail coordinates: 0.76 of the truth at this cut
+
+
+def test_the_one_sided_bound_is_welchs() -> None:
+    """By hand: a = 7, 9, 10, 11, 13 (mean 10, variance 5), b = 7, 7.5, 8, 8.5, 9 (mean 8, variance 0.625);
+    se = sqrt(5 / 5 + 0.625 / 5) = 1.0607, Welch's degrees of freedom 1.125^2 / (1 / 4 + 0.125^2 / 4) = 4.985,
+    t_0.95(4.985) = 2.0164 (tables: 2.015 at 5), so the bound is 2 + 2.0164 * 1.0607 = 4.139."""
+    from benchmarks.samplers import one_sided_bound
+
+    a, b = [7, 9, 10, 11, 13], [7, 7.5, 8, 8.5, 9]
+    assert one_sided_bound(a, b) == pytest.approx(4.139, abs=1e-3)
+    assert one_sided_bound(b, a) == pytest.approx(-2 + 2.0164 * 1.0607, abs=1e-3)
+
+
+def test_the_sampler_table_runs_every_arm_on_one_model() -> None:
+    """Tiny sizes: every sampler and step count has a speed and a quality per seed, DDPM-1000 beside them."""
+    from benchmarks.samplers import bench, render
+
+    r = bench(rounds=2, per_client=4, seeds=2, steps=(10,), time_images=2)
+    assert set(r["rows"]) == {"ddpm-1000", "ddim-10", "dpmsolver++-10", "euler-10"}
+    for name, row in r["rows"].items():
+        assert len(row["per_seed"]) == 2 and row["s_per_image"] > 0 and row["domain_fid_mean"] > 0
+        assert ("within_10pct" in row) == (name != "ddpm-1000")
+    assert r["rows"]["ddpm-1000"]["speedup"] == 1.0
+    assert "| dpmsolver++ | 10 |" in render(r)

@@ -40,6 +40,7 @@ from support import (
     kill_tagged,
     make_certificates,
     make_node_key,
+    read_events,
     tagged_processes,
     wait_until_gone,
 )
@@ -83,8 +84,9 @@ def test_flower_simulation_equals_local_engine(tmp_path):
     """Same config and seed: bit-identical weights, samples and losses (one thread on both sides, so that
     no reduction is split differently between threads)."""
     local, flower = tmp_path / "local", tmp_path / "flower"
-    collafuse(["run", "--quiet", "--out", str(local), *sets(FAST)], tmp_path)
-    r = collafuse(["run", "--engine", "flower", "--quiet", "--out", str(flower), *sets(FAST)], tmp_path)
+    logged = [*FAST, 'run.log="tensorboard"']  # both log, and logging must not change a weight
+    collafuse(["run", "--quiet", "--out", str(local), *sets(logged)], tmp_path)
+    r = collafuse(["run", "--engine", "flower", "--quiet", "--out", str(flower), *sets(logged)], tmp_path)
     assert "done:" in r.stdout
     assert "Tip: In future versions of Ray" not in r.stderr  # Ray's FutureWarning is ours to silence (issue 18)
     for model in ("server", "client_0", "client_1", "client_2"):
@@ -100,6 +102,13 @@ def test_flower_simulation_equals_local_engine(tmp_path):
     assert set(mf["label_agreement"]["per_client"]) == {"0", "1", "2"}
     assert mf["upload"]["wire_bytes_per_client_round"] >= mf["upload"]["bytes_per_client_round"] > 0
     assert (flower / "report.md").exists() and (flower / "plots" / "loss.png").exists()
+    # run.log = "tensorboard" through both engines: the same losses in each event file
+    (sl, il, hl), (sf, i_f, hf) = read_events(local / "tensorboard"), read_events(flower / "tensorboard")
+    for tag in ("loss/server", "loss/client_0", "loss/client_2", "upload/bytes"):
+        assert sl[tag] == sf[tag] and [s for s, _ in sf[tag]] == [1, 2, 3], tag
+    assert hl["train.rounds"] == hf["train.rounds"] == 3
+    assert il["samples/client_1"] == [(3, 64, 8)]  # the local engine's grid at its checkpoint (round 3)
+    assert {"handover/client_1", "samples/client_1"} <= set(i_f)  # Flower's: what the server holds at the end
     # the run folder serves the other verbs: sample from the models the run exported
     for run in (local, flower):
         collafuse(["sample", str(run), "--client", "1", "-n", "6", "--set", "sample.sampler=ddim",

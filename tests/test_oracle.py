@@ -18,54 +18,22 @@ import pytest
 import torch
 
 from collafuse.schedule import NoiseSchedule, ddim_loop, split_ddim_timesteps
+from collafuse.solvers import run as run_solver
 from collafuse.split import Split
-
-T = 1000
-N = 20_000
-MU = torch.tensor([0.5, -0.3, 0.2, 0.0], dtype=torch.float64)
-_A = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.6, 0.5, 0.0, 0.0], [-0.3, 0.2, 0.3, 0.0], [0.1, -0.1, 0.2, 0.15]],
-                  dtype=torch.float64)
-SIGMA = _A @ _A.T  # non-isotropic, eigenvalues spread over two orders of magnitude (smallest about 0.01)
-SMALL_T = 97  # an unusual T, with the betas scaled by 1000 / T so that the chain still ends near pure noise
-Z = 4.5  # standard errors allowed: a false alarm about once in 10^5 comparisons
-
-
-def schedule_for(steps: int) -> NoiseSchedule:
-    return NoiseSchedule.linear(steps, 1e-4 * 1000 / steps, 0.02 * 1000 / steps)
-
-
-def oracle(schedule: NoiseSchedule, start: int, mu: torch.Tensor = MU, sigma: torch.Tensor = SIGMA):
-    """The optimal epsilon of the chain whose data is x_start, as an eps_fn (start 0: the full chain)."""
-    eye = torch.eye(len(mu), dtype=torch.float64)
-    abar = schedule.abar
-    cache: dict[int, torch.Tensor] = {}
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step = int(t[0])
-        if step not in cache:
-            a = float(abar[step])
-            rel = a / float(abar[start])
-            c = a * sigma + (1 - a) * eye
-            cache[step] = (1 - rel) ** 0.5 * torch.linalg.inv(c)
-        a = float(abar[step])
-        return (x - a**0.5 * mu) @ cache[step].T
-
-    return eps_fn
-
-
-def marginal(schedule: NoiseSchedule, t: int, mu: torch.Tensor = MU, sigma: torch.Tensor = SIGMA):
-    """The true (mean, covariance) of x_t."""
-    a = float(schedule.abar[t])
-    return a**0.5 * mu, a * sigma + (1 - a) * torch.eye(len(mu), dtype=torch.float64)
-
-
-def split_sample(schedule: NoiseSchedule, t_zeta: int, sampler: str, steps: int, seed: int = 0, n: int = N):
-    """(handover x_{t_zeta}, x_0) of the split sampler with oracle denoisers."""
-    split = Split(schedule, t_zeta)
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(n, len(MU), generator=g, dtype=torch.float64)
-    x_cut = split.server_sample(oracle(schedule, t_zeta), x_T, sampler=sampler, steps=steps, generator=g)
-    return x_cut, split.client_sample(oracle(schedule, 0), x_cut, sampler=sampler, steps=steps, generator=g)
+from support import (
+    MU,
+    SIGMA,
+    SMALL_T,
+    N,
+    T,
+    Z,
+    marginal,
+    oracle,
+    schedule_for,
+    split_sample,
+    tolerances,
+    whitened_errors,
+)
 
 
 def unsplit_ddpm(schedule: NoiseSchedule, record: set[int], seed: int, n: int = N) -> dict[int, torch.Tensor]:
@@ -82,27 +50,6 @@ def unsplit_ddpm(schedule: NoiseSchedule, record: set[int], seed: int, n: int = 
         if t - 1 in record:
             kept[t - 1] = x
     return kept
-
-
-def whitened_errors(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
-    """Errors of the sample mean and covariance in the coordinates where the truth is N(0, I), so that a
-    small-variance direction counts as much as a large one: ||W (m - mean)|| and ||W S W - I||_F, W = cov^-1/2.
-    """
-    vals, vecs = torch.linalg.eigh(cov)
-    w = vecs @ torch.diag(vals.rsqrt()) @ vecs.T
-    m_err = float((w @ (x.mean(0) - mean)).norm())
-    c_err = float((w @ torch.cov(x.T) @ w - torch.eye(len(mean), dtype=torch.float64)).norm())
-    return m_err, c_err
-
-
-def tolerances(n: int) -> tuple[float, float]:
-    """Z standard errors of the difference between two samplers' whitened errors, each from ``n`` draws.
-
-    A difference of two norms of B + noise moves by at most the noise's largest projection: the whitened
-    sample mean has variance 1/n per direction, and the whitened sample covariance of Gaussian draws at most
-    2/n (a diagonal entry, or an off-diagonal pair counted twice). Two independent samplers double it.
-    """
-    return Z * math.sqrt(2 / n), Z * math.sqrt(2 * 2 / n)
 
 
 CASES = [(T, 0), (T, 1), (T, 50), (T, 200), (T, 500), (T, T), (SMALL_T, 1), (SMALL_T, 13), (SMALL_T, 48),
@@ -297,7 +244,7 @@ def _as_images(eps_fn):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "euler"])
 def test_two_clients_with_different_cuts_each_get_the_unsplit_sampler_of_their_own_data(shared: bool,
                                                                                         sampler: str) -> None:
     """One server, two clients with cuts 50 and 400 and different data: each client's samples are, draw for
@@ -327,13 +274,17 @@ def test_two_clients_with_different_cuts_each_get_the_unsplit_sampler_of_their_o
         if sampler == "ddpm":
             for t in range(T, 0, -1):
                 ref = full.ddpm_step(eps32(ref, torch.full((n,), t)), ref, t, generator=g)
-        else:
+        elif sampler == "ddim":
             for ts in split_ddim_timesteps(T, cuts[cid], steps):
                 ref = ddim_loop(schedule, eps32, ref, ts)
+        else:  # the solver on the client's own full-chain oracle, stopped and restarted at its cut
+            server_ts, client_ts = split_ddim_timesteps(T, cuts[cid], steps)
+            ref = run_solver(sampler, schedule, eps32, ref, server_ts[:-1] + client_ts, stop=cuts[cid]).x
+            ref = run_solver(sampler, schedule, eps32, ref, server_ts[:-1] + client_ts, start=cuts[cid]).x
         torch.testing.assert_close(x, ref)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++", "euler"])
 def test_one_clipping_rule_for_every_arm(sampler) -> None:
     """The global arm (t_zeta = 0: every step the server's) and the lone-client arm (t_zeta = T: every step the
     client's) clip alike: with a denoiser whose x_0 prediction lies outside [-1, 1] they draw the same images,

@@ -32,15 +32,20 @@ def sweep_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sweep_runs_every_setting_and_seed_with_one_budget(sweep_dir: Path) -> None:
-    settings = {"cut_0000", "cut_0020", "cut_0100", "fedavg"}
-    assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} >= settings
-    for s in settings:
+    # the default baselines of a class-conditional run: all four, the two-stage control at 0.1 T
+    cut_of = {"cut_0000": 0, "cut_0010": 10, "cut_0020": 20, "cut_0100": 100, "fedavg": 100, "fedavg_finetune": 100,
+              "client_id": 0, "two_stage_0010": 10}  # the control's cut joins the cuts
+    assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} == set(cut_of) | {"plots"}
+    for s, cut in cut_of.items():
         for seed in (0, 1):
             run = sweep_dir / s / f"seed_{seed}"
             cfg = config.load(run / "config.toml")
             assert cfg.run.seed == seed and cfg.train.rounds == 4 and cfg.train.batch_size == 8
-            assert cfg.split.t_zeta == (100 if s == "fedavg" else int(s[4:]))
-            assert cfg.train.aggregation == ("fedavg" if s == "fedavg" else "none")
+            assert cfg.split.t_zeta == cut
+            assert cfg.train.aggregation == ("fedavg" if s.startswith("fedavg") else "none")
+            assert cfg.train.finetune_rounds == (1 if s == "fedavg_finetune" else 0)
+            assert cfg.model.client_id == (s == "client_id")
+            assert cfg.train.client_models == ("shared" if s.startswith("two_stage") else "own")
             ev = json.loads((run / "eval.json").read_text())
             assert ev["t_zeta"] == cfg.split.t_zeta and "domain_fid" in ev["quality"]
     # seeds differ, so their samples and metrics do
@@ -68,7 +73,12 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
     for png in ("quality.png", "compute.png", "disclosure.png", "samples.png"):
         assert (sweep_dir / "plots" / png).stat().st_size > 5000
         assert f"plots/{png}" in text
-    assert "Claim 'a small cut beats both baselines'" in text and "FedAvg" in text
+    assert "Claim 'a small cut beats both baselines'" in text and "FedAvg + local fine-tuning" in text
+    assert "| global model told the client |" in text and "| two-stage control at 10 |" in text
+    assert "- Personalisation: the split at t_zeta = 10 (" in text
+    assert (sweep_dir / "plots" / "distinguishability.png").stat().st_size > 5000
+    # the digits' class clients with a class-conditional model: the label names the client, and the report says so
+    assert "the label sent with an upload names its client" in text
     assert "FID skipped" in text  # the Inception file was turned off: said, not hidden
     res = run_cli("report", str(sweep_dir), "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -119,6 +129,11 @@ def test_eval_computes_fcd_with_a_local_clip_folder(sweep_dir: Path, tmp_path: P
     (["sweep", "--cuts", "0,abc"], "not a number"),
     (["sweep", "--cuts", "0,5000"], "out of range"),
     (["sweep", "--seeds", "0"], "at least 1"),
+    (["sweep", "--baselines", "fedavg,fedprox"], "unknown baseline 'fedprox'"),
+    (["sweep", "--baselines", "two-stage@0"], "strictly between 0 and"),
+    (["sweep", "--baselines", "fedavg@100"], "only two-stage takes a cut"),
+    (["sweep", "--baselines", "client-id", "--set", "model.conditional=false"], "client-id needs a class-conditional"),
+    (["sweep", "--set", "model.client_id=true"], "choose the arms with --baselines"),
     (["sweep", "--parallel", "-1"], "--parallel -1: give at least 1"),
     (["report", "."], "not a sweep folder"),
     (["eval", "."], "not a run folder"),
@@ -191,7 +206,8 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     from collafuse.studies.cuts import sweep
     from collafuse.studies.cuts_report import report
 
-    out = sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, parallel=1, out=tmp_path / "s", progress=False)
+    out = sweep(None, cuts="20", seeds=1, baselines="two-stage@20", overrides=SWEEP, parallel=1, out=tmp_path / "s",
+                progress=False)
     run = out / "cut_0020" / "seed_0"
     cfg = config.load(run / "config.toml")
     assert cfg.split.t_zeta == 20 and cfg.train.rounds == 4 and cfg.run.seed == 0
@@ -199,10 +215,57 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     assert ev["t_zeta"] == 20 and "domain_fid" in ev["quality"]
     assert ev["disclosure"]["reconstruction"]["psnr"] > ev["disclosure"]["reconstruction"]["psnr_blind"]
     before = (run / "eval.json").stat().st_mtime_ns
-    sweep(None, cuts="20", seeds=1, fedavg=False, overrides=SWEEP, parallel=1, out=out, progress=False)
+    sweep(None, cuts="20", seeds=1, baselines="two-stage@20", overrides=SWEEP, parallel=1, out=out, progress=False)
     assert (run / "eval.json").stat().st_mtime_ns == before  # finished runs are not redone
     text = report(out).read_text()
     assert "FID skipped" in text and (out / "plots" / "quality.png").stat().st_size > 5000
+    assert "- Personalisation: the split at t_zeta = 20 (" in text and "| two-stage control at 20 |" in text
+    control = config.load(out / "two_stage_0020" / "seed_0" / "config.toml")
+    assert control.train.client_models == "shared" and control.split.t_zeta == 20
     res = run_main("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=tmp_path)
     assert res.returncode == 0 and "disclosure at t_zeta = 20" in res.stdout
     assert json.loads((run / "eval.json").read_text())["n_per_client"] == 8
+
+
+def test_sweep_arms_set_each_baseline_and_refuse_what_does_not_apply() -> None:
+    from collafuse.studies.cuts import parse_baselines, plan
+
+    base = config.load(None, TINY)
+    chosen = parse_baselines(None, base)
+    assert chosen == ["fedavg", "finetune", "client-id", "two-stage@10"]  # 0.1 T of T = 100
+    assert parse_baselines("two-stage@0.2,fedavg,fedavg", base) == ["two-stage@20", "fedavg"]
+    assert parse_baselines("none", base) == []
+    jobs = {name: d for name, _, d in plan(base, [0, 20, 100], 1, chosen)}
+    assert set(jobs) == {"cut_0000", "cut_0020", "cut_0100", "fedavg", "fedavg_finetune", "client_id",
+                         "two_stage_0010"}
+    for d in jobs.values():
+        cfg = config.from_dict(d)  # every arm is a valid config
+        assert cfg.train.rounds == base.train.rounds and cfg.train.upload_noise == "reproducible"
+    unconditional = config.load(None, TINY + ["model.conditional=false"])
+    assert "client-id" not in parse_baselines("all", unconditional)
+
+
+def test_a_steps_budget_gives_every_arm_the_optimiser_steps_of_a_split_arm(tmp_path: Path) -> None:
+    """The sweep's step count before a run (steps_per_round) against what the runs themselves count."""
+    from collafuse.engines.local import train, training_budget
+    from collafuse.studies.cuts import parse_baselines, plan, steps_per_round
+
+    base = config.load(None, TINY + ["train.rounds=3", "train.checkpoint_every=100", "train.local_steps=2"])
+    jobs = plan(base, [0, 20, 100], 1, parse_baselines(None, base), budget="steps", clients=3)
+    split = next(d for name, _, d in jobs if name == "cut_0020")
+    reference = steps_per_round(split, 3) * 3
+    rounds = {}
+    for name, _, d in jobs:
+        cfg = config.from_dict(d)
+        exp = build(cfg)
+        history = train(exp, tmp_path / name, progress=False)
+        counted = training_budget(exp, history)["optimiser_steps"]
+        assert counted == steps_per_round(d, 3) * cfg.train.rounds, name
+        # rounds are whole: each arm is within half a round's steps of the split arm's budget
+        assert abs(counted - reference) <= steps_per_round(d, 3) / 2, name
+        rounds[name] = cfg.train.rounds
+    # upload 8 x 3 clients in batches of 8 = 3 server steps, 2 local steps x 3 clients = 6: a split round is 9 steps
+    assert reference == 27 and rounds["cut_0020"] == rounds["two_stage_0010"] == 3
+    assert rounds["cut_0000"] == rounds["client_id"] == 9
+    assert rounds["cut_0100"] == rounds["fedavg"] == 4  # 27 / 6 = 4.5 rounds, to even
+    assert rounds["fedavg_finetune"] == rounds["fedavg"]

@@ -66,14 +66,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="override an [eval] key, e.g. --set eval.n_per_client=256 --set eval.inception=off")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    w = sub.add_parser("sweep", help="train and evaluate every cut point (and FedAvg) over several seeds")
+    w = sub.add_parser("sweep", help="train and evaluate every cut point and baseline over several seeds")
     w.add_argument("config", nargs="?", help="TOML config (default: the digits study, configs/digits-study.toml: "
                                              "the digits experiment with 300 rounds)")
     w.add_argument("--cuts", default=None,
                    help="comma-separated t_zeta values (integers, or fractions of T such as 0.2); "
                         f"default {','.join(str(c) for c in DEFAULT_CUTS)}")
     w.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
-    w.add_argument("--no-fedavg", dest="fedavg", action="store_false", help="leave out the FedAvg baseline")
+    w.add_argument("--baselines", default=None, metavar="LIST",
+                   help="baselines beside the cuts, comma-separated: fedavg, finetune (personalised FedAvg), "
+                        "client-id (a global model told the client), two-stage[@CUT] (the two-stage control, "
+                        "default cut 0.1 T; its cut joins the cuts); 'all' (default: every one that applies) or "
+                        "'none'")
+    w.add_argument("--no-fedavg", dest="fedavg", action="store_false", help=argparse.SUPPRESS)
+    w.add_argument("--budget", choices=("rounds", "steps"), default="rounds",
+                   help="rounds: every arm trains train.rounds rounds (default); steps: each arm's rounds are set so "
+                        "that its optimiser steps match a split arm's")
+    w.add_argument("--finetune-rounds", type=int, default=None, metavar="N",
+                   help="the rounds of local fine-tuning of the finetune baseline, out of its rounds "
+                        "(default a tenth)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key for every run of the sweep")
     w.add_argument("--parallel", type=int, default=None, metavar="N",
@@ -295,9 +306,12 @@ def _parallel(args: argparse.Namespace) -> int | None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .studies import cuts, cuts_report
 
-    out = cuts.sweep(args.config, cuts=args.cuts, seeds=args.seeds, fedavg=args.fedavg, overrides=args.overrides,
-                     parallel=_parallel(args), quick=args.quick, out=Path(args.out) if args.out else None,
-                     progress=not args.quiet)
+    baselines = args.baselines
+    if not args.fedavg:  # the flag of the sweeps that had FedAvg as their only baseline
+        baselines = "none" if baselines is None else baselines
+    out = cuts.sweep(args.config, cuts=args.cuts, seeds=args.seeds, baselines=baselines, budget=args.budget,
+                     finetune_rounds=args.finetune_rounds, overrides=args.overrides, parallel=_parallel(args),
+                     quick=args.quick, out=Path(args.out) if args.out else None, progress=not args.quiet)
     report = cuts_report.report(out, Path(args.report_dir) if args.report_dir else None)
     print(f"done: {report}")
     return 0

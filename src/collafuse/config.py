@@ -26,6 +26,7 @@ from .files import write_text_atomic
 from .models import PRESETS
 from .schedule import SCHEDULES
 from .server_model import SERVER_MODELS
+from .solvers import solver_name
 from .split import SAMPLERS, resolve_t_zeta
 from .training import PRECISIONS
 
@@ -59,6 +60,8 @@ def _at_least(n: int, extra: str = "") -> tuple[Check, str]:
 class RunSection:
     seed: int = 0
     name: str = ""  # run folder name under runs/; empty means <config>-<time>
+    # "tensorboard": event files in RUN/tensorboard as the run goes (collafuse.engines.logbook)
+    log: str = _key("none", lambda v, c: v in ("none", "tensorboard"), "'none' or 'tensorboard'")
 
 
 @dataclass
@@ -165,8 +168,9 @@ class TrainSection:
 class SampleSection:
     n_per_client: int = _key(64, *_at_least(1))
     sampler: str = _key("ddpm", lambda v, c: v in SAMPLERS, _one_of(SAMPLERS))
-    steps: int = _key(1000, *_at_least(1, " (DDIM steps, at most T are used)"))
-    eta: float = _key(0.0, lambda v, c: 0 <= v <= 1, "in [0, 1]")
+    steps: int = _key(1000, *_at_least(1, " (steps of ddim and the diffusers solvers; at most T are used)"))
+    eta: float = _key(0.0, lambda v, c: 0 <= v <= 1 and (v == 0 or solver_name(c.sample.sampler) is None),
+                      "in [0, 1], and 0 with a diffusers solver (they are deterministic here)")
     guidance: float = _key(1.0, lambda v, c: v >= 0, ">= 0 (1 = plain conditional)")
     clip: bool = True
 

@@ -16,8 +16,11 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .schedule import Chain, EpsFn, NoiseSchedule, ddim_loop, ddpm_loop, split_ddim_timesteps
+from .solvers import ALIASES, SOLVERS, solver_name
+from .solvers import run as run_solver
 
-SAMPLERS = ("ddpm", "ddim")
+# ours (DDPM, DDIM) and diffusers' few-step solvers (collafuse.solvers), by our name or the diffusers class name
+SAMPLERS = ("ddpm", "ddim", *SOLVERS, *ALIASES)
 
 
 def resolve_t_zeta(value: int | float, T: int) -> int:
@@ -134,7 +137,12 @@ class Split:
         if sampler == "ddpm":
             return ddpm_loop(self.schedule.chain(0, chain.end), eps_full, x, generator=generator, clip=clip,
                              progress=progress, stop=chain.start)
-        ts = split_ddim_timesteps(self.T, self.t_zeta, steps)[side]
+        server_ts, client_ts = split_ddim_timesteps(self.T, self.t_zeta, steps)
+        if solver_name(sampler) is not None:  # both sides on one list of timesteps that holds t_zeta
+            full = server_ts[:-1] + client_ts
+            ends = {"stop": self.t_zeta} if side == 0 else {"start": self.t_zeta}
+            return run_solver(sampler, self.schedule, eps_full, x, full, clip=clip, progress=progress, **ends).x
+        ts = (server_ts, client_ts)[side]
         return ddim_loop(self.schedule, eps_full, x, ts, eta=eta, generator=generator, clip=clip, progress=progress)
 
     def sample_steps(self, sampler: str, steps: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from ..metrics import LabelClassifier
 from ..privacy import upload_noise
 from ..split import describe_cuts
 from .executors import ClientExecutor, InProcess, clients_executor
+from .logbook import GRID_IMAGES, GRID_STEPS, open_logbook
 from .run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
 
 log = logging.getLogger(__name__)
@@ -47,20 +49,35 @@ def train(exp: Experiment, run_dir: Path, *, resume: bool = False, progress: boo
     bar = tqdm(range(start_round, tr.rounds), initial=start_round, total=tr.rounds, desc="rounds",
                disable=not progress, unit="round")
     here = InProcess(exp.clients)
+    book = open_logbook(exp.cfg, run_dir)
     with clients_executor(exp, tr.rounds - start_round) as pool:
-        for r in bar:
-            done = r + 1
-            save = done % tr.checkpoint_every == 0 or done == tr.rounds
-            # until the workers have started (seconds), this process trains the clients itself, with the
-            # threads it will keep: the same arithmetic either way
-            live = pool if pool.ready() else here
-            history.append(run_round(exp, r, live, ahead=not save))
-            bar.set_postfix_str(_postfix(history[-1]), refresh=False)
-            if save:
-                live.pull(exp.clients)
-                checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
+        try:
+            for r in bar:
+                done = r + 1
+                save = done % tr.checkpoint_every == 0 or done == tr.rounds
+                # until the workers have started (seconds), this process trains the clients itself, with the
+                # threads it will keep: the same arithmetic either way
+                live = pool if pool.ready() else here
+                history.append(run_round(exp, r, live, ahead=not save))
+                book.round(history[-1])
+                bar.set_postfix_str(_postfix(history[-1]), refresh=False)
+                if save:
+                    live.pull(exp.clients)
+                    checkpoint.save(run_dir, exp, done, history, keep=tr.keep_checkpoints)
+                    if exp.cfg.run.log != "none":
+                        book.images(checkpoint_grids(exp), done)
+        finally:
+            book.close()
     bar.close()
     return history
+
+
+def checkpoint_grids(exp: Experiment) -> dict[str, torch.Tensor]:
+    """A few samples of every client (DDIM-25, the run's guidance and clipping) for the logbook."""
+    s = dataclasses.replace(exp.cfg.sample, n_per_client=GRID_IMAGES, sampler="ddim",
+                            steps=min(GRID_STEPS, exp.cfg.split.T))
+    out = sample_clients(exp, {c.cid: GRID_IMAGES for c in exp.clients}, settings=s)
+    return {f"samples/client_{cid}": x for cid, x in out.samples.items()}
 
 
 def run_round(exp: Experiment, r: int, pool: ClientExecutor, ahead: bool = False) -> dict[str, Any]:
@@ -117,7 +134,7 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
     out = sample_clients(exp, {c.cid: s.n_per_client for c in exp.clients}, progress=progress)
     scale = max(sum(c.split.signal_noise_at_cut()) for c in exp.clients)
     save_samples(run_dir, out.samples, out.labels, out.handover, scale)
-    return finish(run_dir, RunSummary(
+    metrics = finish(run_dir, RunSummary(
         server=exp.server, t_zeta=exp.split.t_zeta, data={"name": exp.data.name, "clients": exp.data.describe()},
         history=history, wall_seconds=wall, upload_dtype=exp.cfg.train.upload_dtype, privacy=privacy_summary(exp),
         label_agreement=label_agreement(exp, out.samples),
@@ -126,6 +143,10 @@ def finish_run(exp: Experiment, run_dir: Path, history: list[dict[str, Any]], wa
         train_extra={"workers": max((h.get("workers", 0) for h in history), default=0),
                      "client_thread": any(h.get("client_thread", False) for h in history),
                      "budget": training_budget(exp, history)}))
+    from ..pipeline import export as export_pipelines
+
+    export_pipelines(exp, run_dir, metrics)  # one diffusers pipeline per client (collafuse.pipeline)
+    return metrics
 
 
 def training_budget(exp: Experiment, history: list[dict[str, Any]]) -> dict[str, Any]:

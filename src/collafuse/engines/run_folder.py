@@ -31,7 +31,8 @@ from ..split import describe_cuts
 
 # the keys that --resume may change: only the length of training and what happens after it
 RESUMABLE = {("train", "rounds"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("sample",),
-             ("eval",), ("engine", "threads"), ("engine", "workers"), ("engine", "device"), ("flower",)}
+             ("eval",), ("engine", "threads"), ("engine", "workers"), ("engine", "device"), ("flower",),
+             ("run", "log")}
 
 
 def prepare(run_dir: Path, cfg: Config, resume: bool) -> None:

@@ -112,8 +112,8 @@ def distinguishability(data: FederatedData, schedule: NoiseSchedule, *, given_la
                   "points": points, "indistinguishable_from": level}
 
 
-def plot(result: dict[str, Any], path: Any, cut: int | None = None) -> None:
-    """Accuracy against t with chance and the cut marked."""
+def plot(result: dict[str, Any], path: Any, cut: int | None = None, cuts: list[int] = ()) -> None:
+    """Accuracy against t with chance and the cut marked (a sweep's ``cuts``: each marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +133,11 @@ def plot(result: dict[str, Any], path: Any, cut: int | None = None) -> None:
         ax.set_ylim(0, 1.02)
     if cut is not None:
         ax.axvline(cut, color="C3", ls="--", label=f"cut t_zeta = {cut}")
+    for i, c in enumerate(cuts):
+        ax.axvline(c, color="C3", ls=":", lw=0.8, label="the sweep's cuts" if i == 0 else None)
+    if not result["label_names_client"] and result.get("indistinguishable_from") is not None:
+        ax.axvline(result["indistinguishable_from"], color="gray", ls="-", lw=0.8, alpha=0.6,
+                   label=f"within 2 s.e. of chance from t = {result['indistinguishable_from']}")
     ax.set_xlabel("t (noise level of the upload)")
     ax.set_ylabel("accuracy of naming the client")
     ax.set_title("can the server tell the clients apart from x_t" + (", given the label?" if result["given_label"]

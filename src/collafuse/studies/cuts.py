@@ -1,10 +1,11 @@
-"""``collafuse sweep``: the cut-point study of the paper, with baselines.
+"""``collafuse sweep``: the cut-point study of the paper, with the baselines a reviewer asks for.
 
-Every setting gets the same training budget (rounds, local steps, batch and upload sizes):
-the cuts t_zeta in ``--cuts`` (t_zeta = T is "every client alone", t_zeta = 0 "one global
-model") and FedAvg (every client trains a full denoiser; the weights are averaged each round).
-Each run is a normal run folder, evaluated with ``collafuse eval``. Its summary and verdict are
-here; the report (tables and plots) is :mod:`collafuse.studies.cuts_report`.
+The arms of a sweep are the cuts t_zeta in ``--cuts`` (t_zeta = T is "every client alone", t_zeta = 0 "one
+global model") and the baselines of ``--baselines`` (:data:`BASELINES`). Every arm gets the same training
+budget: by default the same rounds (each client's data used alike; the arms then differ in optimiser
+steps, which the report shows), with ``--budget steps`` each arm's rounds set so that its optimiser steps
+match a split arm's. Each run is a normal run folder, evaluated with ``collafuse eval``. Its summary and
+verdict are here; the report (tables and plots) is :mod:`collafuse.studies.cuts_report`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,36 +27,143 @@ from .runner import STUDY_OVERRIDES, parse_cuts, run_study_folder, runs_at_once
 QUICK_OVERRIDES = ["train.rounds=150", "eval.inception=\"off\"", "eval.n_per_client=64"]
 FEDAVG = "fedavg"
 
+# the baselines of a sweep: name -> what it is (README, Studies)
+BASELINES = {
+    "fedavg": "FedAvg: every client trains a full denoiser, and the weights are averaged after each round",
+    "finetune": "personalised FedAvg: FedAvg, then each client fine-tunes its own copy on its own data for the "
+                "last rounds of the same budget",
+    "client-id": "one global model (t_zeta = 0) told each image's client beside its label: no privacy at all, the "
+                 "upper bound of what collaboration can give",
+    "two-stage": "the two-stage control: a split run's two networks and cut, but one low-noise model trained on "
+                 "every client's images; if it matches the split, the split's gain is capacity, not personalisation",
+}
+BUDGETS = ("rounds", "steps")
 
-def setting_name(cut: int | str) -> str:
-    return FEDAVG if cut == FEDAVG else f"cut_{cut:04d}"
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a sweep: a cut, or a baseline (``kind``, a key of :data:`BASELINES`) at a cut."""
+
+    kind: str  # "cut" or a baseline
+    t_zeta: int
+
+    @property
+    def setting(self) -> str:
+        """The arm's folder in the sweep folder."""
+        return {"cut": f"cut_{self.t_zeta:04d}", "fedavg": FEDAVG, "finetune": "fedavg_finetune",
+                "client-id": "client_id", "two-stage": f"two_stage_{self.t_zeta:04d}"}[self.kind]
+
+    def label(self, T: int) -> str:
+        t = self.t_zeta
+        return {"cut": f"{t}" + (" (global model)" if t == 0 else " (clients alone)" if t == T else ""),
+                "fedavg": "FedAvg", "finetune": "FedAvg + local fine-tuning",
+                "client-id": "global model told the client", "two-stage": f"two-stage control at {t}"}[self.kind]
 
 
-def plan(base: config_mod.Config, cuts: list[int], seeds: int, fedavg: bool) -> list[tuple[str, int, dict]]:
-    """(setting, seed, config dict) of every run, the most expensive first (for load balance)."""
+def parse_baselines(text: str | None, base: config_mod.Config) -> list[str]:
+    """'fedavg,finetune,client-id,two-stage@100' -> the baselines, each two-stage with its cut ('all': every
+    baseline that applies to ``base``; 'none': none). A plain 'two-stage' is at t_zeta = 0.1 T."""
+    T = base.split.T
+    label_conditional = base.model.conditional and base.model.condition == "label"
+    if text is None or text.strip() == "all":
+        names = [n for n in BASELINES if n != "client-id" or label_conditional]
+    elif text.strip() == "none":
+        return []
+    else:
+        names = [p.strip() for p in text.split(",") if p.strip()]
+    out = []
+    for name in names:
+        kind, _, at = name.partition("@")
+        if kind not in BASELINES:
+            raise ConfigError(f"--baselines: unknown baseline {kind!r}; choose from {', '.join(BASELINES)}, 'all' "
+                              f"or 'none' (two-stage takes a cut: two-stage@100)")
+        if at and kind != "two-stage":
+            raise ConfigError(f"--baselines: {name!r}: only two-stage takes a cut (two-stage@100)")
+        if kind == "client-id" and not label_conditional:
+            raise ConfigError("--baselines: client-id needs a class-conditional run (model.conditional = true, "
+                              "model.condition = 'label'); leave it out of --baselines")
+        if kind == "two-stage":
+            cut = parse_cuts(at or str(round(0.1 * T)), T, False)[0]
+            if not 0 < cut < T:
+                raise ConfigError(f"--baselines: {name!r}: the two-stage control needs a cut strictly between 0 and "
+                                  f"T = {T}")
+            name = f"two-stage@{cut}"
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def arms(cuts: list[int], baselines: list[str], T: int) -> list[Arm]:
+    """Every arm of a sweep: the cuts, then the baselines."""
+    out = [Arm("cut", c) for c in cuts]
+    for b in baselines:
+        kind, _, at = b.partition("@")
+        out.append(Arm(kind, int(at) if at else (0 if kind == "client-id" else T)))
+    return out
+
+
+def steps_per_round(d: dict, clients: int) -> int:
+    """Optimiser steps of one round of the run of config dict ``d`` with ``clients`` clients: the server's passes
+    over the uploads (when it owns steps, t_zeta < T) and every client's local steps (when it owns steps,
+    t_zeta > 0). :func:`collafuse.engines.local.training_budget` counts the same from a finished run."""
+    tr, T, cut = d["train"], d["split"]["T"], d["split"]["t_zeta"]
+    server = tr["server_epochs"] * math.ceil(clients * tr["upload_size"] / tr["batch_size"]) if cut < T else 0
+    return server + (clients * tr["local_steps"] if cut > 0 else 0)
+
+
+def arm_config(base: dict, arm: Arm, finetune_rounds: int) -> dict:
+    """The config dict of one arm's run."""
+    d = json.loads(json.dumps(base))
+    d["split"]["t_zeta"] = arm.t_zeta
+    d["train"]["aggregation"] = "fedavg" if arm.kind in ("fedavg", "finetune") else "none"
+    d["train"]["finetune_rounds"] = finetune_rounds if arm.kind == "finetune" else 0
+    d["train"]["client_models"] = "shared" if arm.kind == "two-stage" else "own"
+    d["model"]["client_id"] = arm.kind == "client-id"
+    # one machine plays every party, and a rerun must give the same figures: noise from the config
+    d["train"]["upload_noise"] = "reproducible"
+    return d
+
+
+def plan(base: config_mod.Config, cuts: list[int], seeds: int, baselines: list[str], *, budget: str = "rounds",
+         clients: int | None = None, finetune_rounds: int | None = None) -> list[tuple[str, int, dict]]:
+    """(setting, seed, config dict) of every run, the most expensive first (for load balance).
+
+    ``budget``: 'rounds' gives every arm the base config's rounds; 'steps' sets each arm's rounds so that its
+    optimiser steps match those of a split arm (0 < t_zeta < T) at the base rounds (``clients``: how many
+    the data has). ``finetune_rounds``: the fine-tuning rounds of 'finetune' (default a tenth of the rounds).
+    """
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: give at least 1")
-    T = base.split.T
+    if budget not in BUDGETS:
+        raise ConfigError(f"--budget {budget!r}: choose {' or '.join(BUDGETS)}")
+    T, rounds = base.split.T, base.train.rounds
+    k = clients or len(base.data.clients)
+    base_dict = base.to_dict()
+    split_arm = arm_config(base_dict, Arm("cut", max(1, T // 10)), 0)
+    reference = steps_per_round(split_arm, k) * rounds
     jobs = []
-    settings: list[int | str] = list(cuts) + ([FEDAVG] if fedavg else [])
     for seed in range(seeds):
-        for cut in settings:
-            d = base.to_dict()
+        for arm in arms(cuts, baselines, T):
+            d = arm_config(base_dict, arm, 0)
             d["run"]["seed"] = base.run.seed + seed
-            d["split"]["t_zeta"] = T if cut == FEDAVG else cut
-            d["train"]["aggregation"] = "fedavg" if cut == FEDAVG else "none"
-            # one machine plays every party, and a rerun must give the same figures: noise from the config
-            d["train"]["upload_noise"] = "reproducible"
-            cost = 3 if cut == FEDAVG else (0 < cut) * len(base.data.clients) + (cut < T)
-            jobs.append((cost, setting_name(cut), base.run.seed + seed, d))
+            if budget == "steps":
+                d["train"]["rounds"] = max(1, round(reference / steps_per_round(d, k)))
+            if arm.kind == "finetune":
+                d["train"]["finetune_rounds"] = max(1, (d["train"]["rounds"] // 10) if finetune_rounds is None
+                                                    else finetune_rounds)
+                if d["train"]["finetune_rounds"] >= d["train"]["rounds"]:
+                    raise ConfigError(f"--finetune-rounds {finetune_rounds}: give fewer than the run's "
+                                      f"{d['train']['rounds']} rounds")
+            jobs.append((steps_per_round(d, k) * d["train"]["rounds"], arm.setting, base.run.seed + seed, d))
     jobs.sort(key=lambda j: -j[0])
     return [(name, seed, d) for _, name, seed, d in jobs]
 
 
-def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg: bool = True,
-          overrides: list[str] = (), parallel: int | None = None, quick: bool = False, out: Path | None = None,
-          progress: bool = True) -> Path:
-    """Run every setting of the study into ``out`` (continuing it if it exists); returns ``out``."""
+def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, baselines: str | None = None,
+          budget: str = "rounds", finetune_rounds: int | None = None, overrides: list[str] = (),
+          parallel: int | None = None, quick: bool = False, out: Path | None = None, progress: bool = True) -> Path:
+    """Run every arm of the study into ``out`` (continuing it if it exists); returns ``out``."""
+    from ..data.base import load_section
 
     overrides = list(overrides)
     if config is None:
@@ -68,18 +177,33 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, fedavg
         base.sample.sampler, base.sample.steps = base.eval.sampler, base.eval.steps
     if base.split.client_cuts:
         raise ConfigError("a sweep sets one cut per run: leave split.client_cuts empty")
-    cut_list = parse_cuts(cuts, base.split.T, quick)
+    if base.train.aggregation != "none" or base.train.client_models != "own" or base.model.client_id:
+        raise ConfigError("a sweep sets train.aggregation, train.client_models and model.client_id per arm: leave "
+                          "them at their defaults and choose the arms with --baselines")
+    chosen = parse_baselines(baselines, base)
+    # the two-stage control is judged against the split at its own cut: that cut is always an arm
+    controls = [int(b.partition("@")[2]) for b in chosen if b.startswith("two-stage")]
+    cut_list = sorted(set(parse_cuts(cuts, base.split.T, quick)) | set(controls))
     parallel = runs_at_once(parallel)
     if parallel > 1:
         base.engine.threads = 1  # several PyTorch processes with several threads each slow each other down
-    jobs = plan(base, cut_list, seeds, fedavg)
+    clients = len(load_section(base.data).clients) if budget == "steps" else None
+    jobs = plan(base, cut_list, seeds, chosen, budget=budget, clients=clients, finetune_rounds=finetune_rounds)
     if out is None:
         stem = Path(config).stem if config else "digits"
         out = Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "fedavg": fedavg, "quick": quick}
-    run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "fedavg"), jobs, parallel, progress)
+    meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "baselines": chosen, "budget": budget,
+            "finetune_rounds": finetune_rounds, "quick": quick}
+    run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "baselines", "budget", "finetune_rounds"),
+                     jobs, parallel, progress)
     return out
+
+
+def sweep_arms(meta: dict) -> list[Arm]:
+    """The arms of a sweep folder's record (one written before --baselines had FedAvg or nothing)."""
+    baselines = meta.get("baselines", [FEDAVG] if meta.get("fedavg") else [])
+    return arms(meta["cuts"], baselines, meta["config"]["split"]["T"])
 
 
 def collect(sweep_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
@@ -88,12 +212,12 @@ def collect(sweep_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
         raise CollafuseError(f"{sweep_dir} is not a sweep folder (no sweep.json); make one with 'collafuse sweep'")
     meta = json.loads(meta_path.read_text())
     runs: dict[str, list[dict]] = {}
-    for setting in [setting_name(c) for c in meta["cuts"]] + ([FEDAVG] if meta["fedavg"] else []):
-        for seed_dir in sorted((sweep_dir / setting).glob("seed_*")):
+    for arm in sweep_arms(meta):
+        for seed_dir in sorted((sweep_dir / arm.setting).glob("seed_*")):
             ev, mt = seed_dir / "eval.json", seed_dir / "metrics.json"
             if ev.exists() and mt.exists():
-                runs.setdefault(setting, []).append({"eval": json.loads(ev.read_text()),
-                                                     "metrics": json.loads(mt.read_text()), "dir": seed_dir})
+                runs.setdefault(arm.setting, []).append({"eval": json.loads(ev.read_text()),
+                                                         "metrics": json.loads(mt.read_text()), "dir": seed_dir})
     if not runs:
         raise CollafuseError(f"{sweep_dir} has no finished runs yet; run or continue the sweep first")
     return meta, runs
@@ -120,11 +244,14 @@ def summarise(meta: dict, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """One row per setting: means and standard deviations over seeds."""
     T = meta["config"]["split"]["T"]
     rows = []
-    for setting, rs in runs.items():
+    for arm in sweep_arms(meta):
+        rs = runs.get(arm.setting)
+        if not rs:
+            continue
         first = rs[0]["eval"]
         clients = list(first["quality"]["domain_fid"]["per_client"])
-        row: dict[str, Any] = {"setting": setting, "t_zeta": first["t_zeta"], "T": T, "seeds": len(rs),
-                               "clients": clients}
+        row: dict[str, Any] = {"setting": arm.setting, "kind": arm.kind, "label": arm.label(T),
+                               "t_zeta": first["t_zeta"], "T": T, "seeds": len(rs), "clients": clients}
         for metric in first["quality"]:
             row[f"{metric}"] = _agg(rs, f"eval.quality.{metric}.pooled.frechet")
             row[f"{metric}_kid"] = _agg(rs, f"eval.quality.{metric}.pooled.kid")
@@ -146,7 +273,7 @@ def summarise(meta: dict, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
                           "client_share": "eval.sampling.client_share_of_evals",
                           "client_seconds": "eval.sampling.client_seconds",
                           "server_seconds": "eval.sampling.server_seconds",
-                          "wall": "metrics.wall_seconds",
+                          "wall": "metrics.wall_seconds", "rounds": "metrics.rounds",
                           "upload_bytes": "metrics.upload.bytes_per_client_round",
                           "client_agreement": "eval.client_agreement.mean",
                           "networks": "metrics.train.budget.networks",
@@ -159,7 +286,6 @@ def summarise(meta: dict, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
         row["client_seconds_per_image"] = cs
         row["ddim_steps"] = first["steps"]
         rows.append(row)
-    rows.sort(key=lambda r: (r["setting"] == FEDAVG, r["t_zeta"]))
     return rows
 
 
@@ -186,15 +312,15 @@ def _beats(a: tuple, b: tuple) -> str:
 
 
 def verdict(rows: list[dict], metric: str = "domain_fid") -> list[str]:
-    """Sentences, with the numbers, on the paper's two claims for one metric (lower is better)."""
-    by = {r["setting"]: r for r in rows}
-    cuts = [r for r in rows if r["setting"] != FEDAVG and not math.isnan(r[metric][0])]
+    """Sentences, with the numbers, on the paper's two claims and on each baseline, for one metric (lower is
+    better)."""
+    cuts = [r for r in rows if r["kind"] == "cut" and not math.isnan(r[metric][0])]
     if not cuts:
         return []
     T = cuts[0]["T"]
     glob = next((r for r in cuts if r["t_zeta"] == 0), None)
     alone = next((r for r in cuts if r["t_zeta"] == T), None)
-    fed = by.get(FEDAVG)
+    others = [r for r in rows if r["kind"] not in ("cut", "two-stage") and not math.isnan(r[metric][0])]
     mids = [r for r in cuts if 0 < r["t_zeta"] < T]
     label = METRIC_LABELS[metric]
     lines = []
@@ -206,10 +332,10 @@ def verdict(rows: list[dict], metric: str = "domain_fid") -> list[str]:
         best = min(small, key=lambda r: r[metric][0])
         parts = [f"{_beats(best[metric], glob[metric])} one global model (t_zeta = 0: {fmt(glob[metric])})",
                  f"{_beats(best[metric], alone[metric])} the clients alone (t_zeta = T: {fmt(alone[metric])})"]
-        if fed is not None:
-            parts.append(f"{_beats(best[metric], fed[metric])} FedAvg ({fmt(fed[metric])})")
+        parts += [f"{_beats(best[metric], r[metric])} {r['label']} ({fmt(r[metric])})" for r in others]
         lines.append(f"- Small cut: the best cut at or below {int(0.2 * T)} is t_zeta = {best['t_zeta']} with {label} "
-                     f"{fmt(best[metric])}; it " + ", ".join(parts) + ".")
+                     f"{fmt(best[metric])} (picked on the same seeds, so its lead is flattered); it "
+                     + ", ".join(parts) + ".")
         both = all(_beats(r[metric], glob[metric]) == "beats" and _beats(r[metric], alone[metric]) == "beats"
                    for r in small)
         any_both = [r["t_zeta"] for r in small if _beats(r[metric], glob[metric]) == "beats"
@@ -225,4 +351,10 @@ def verdict(rows: list[dict], metric: str = "domain_fid") -> list[str]:
         lines.append(f"- Claim 'cuts above about 30% of T hurt': {len(worse)} of {len(large)} such cuts are worse than "
                      f"t_zeta = {best['t_zeta']} beyond the spread ("
                      + ", ".join(f"{r['t_zeta']}: {fmt(r[metric])}" for r in large) + ").")
+    for control in (r for r in rows if r["kind"] == "two-stage" and not math.isnan(r[metric][0])):
+        split = next((r for r in cuts if r["t_zeta"] == control["t_zeta"]), None)
+        if split is not None:
+            lines.append(f"- Personalisation: the split at t_zeta = {split['t_zeta']} ({fmt(split[metric])}) "
+                         f"{_beats(split[metric], control[metric])} the {control['label']} ({fmt(control[metric])}), "
+                         f"which has the same networks and cut but one low-noise model for every client.")
     return lines

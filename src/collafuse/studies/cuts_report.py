@@ -11,7 +11,7 @@ import numpy as np
 
 from ..files import write_text_atomic
 from ..metrics.distances import METRIC_LABELS
-from .cuts import FEDAVG, collect, fmt, summarise, verdict
+from .cuts import BASELINES, collect, fmt, summarise, sweep_arms, verdict
 
 
 def _sci(v: tuple[float, float, int]) -> str:
@@ -20,10 +20,11 @@ def _sci(v: tuple[float, float, int]) -> str:
 
 
 def _label(row: dict) -> str:
-    if row["setting"] == FEDAVG:
-        return "FedAvg"
-    t, T = row["t_zeta"], row["T"]
-    return f"{t}" + (" (global model)" if t == 0 else " (clients alone)" if t == T else "")
+    return row["label"]
+
+
+BASELINE_COLOURS = {"fedavg": "tab:red", "finetune": "tab:purple", "client-id": "tab:green",
+                    "two-stage": "tab:brown"}
 
 
 def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str]:
@@ -34,16 +35,24 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
 
     from ..report import save_figure
 
-    cuts = [r for r in rows if r["setting"] != FEDAVG]
-    fed = next((r for r in rows if r["setting"] == FEDAVG), None)
+    cuts = [r for r in rows if r["kind"] == "cut"]
+    baselines = [r for r in rows if r["kind"] != "cut"]
     x = np.array([r["t_zeta"] for r in cuts])
     names = []
 
-    def band(ax: Any, key: str) -> None:
-        if fed is not None and not math.isnan(fed[key][0]):
-            m, s, _ = fed[key]
-            ax.axhline(m, color="tab:red", ls="--", label="FedAvg")
-            ax.axhspan(m - s, m + s, color="tab:red", alpha=0.1)
+    def band(ax: Any, key: str, scale: float = 1.0) -> None:
+        """Each baseline as a line with its spread over seeds (the two-stage control as a point at its cut)."""
+        for r in baselines:
+            m, s, _ = (v * scale for v in r[key])
+            if math.isnan(m):
+                continue
+            colour = BASELINE_COLOURS[r["kind"]]
+            if r["kind"] == "two-stage":
+                ax.errorbar([r["t_zeta"]], [m], yerr=[s], color=colour, marker="D", capsize=3, ls="none",
+                            label=r["label"])
+            else:
+                ax.axhline(m, color=colour, ls="--", label=r["label"])
+                ax.axhspan(m - s, m + s, color=colour, alpha=0.1)
 
     metrics = [k for k in METRIC_LABELS if k in cuts[0]]
     titles = {k: f"{METRIC_LABELS[k]} ({v})" for k, v in
@@ -62,14 +71,17 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
         ax.set_title(titles[metric])
         ax.grid(alpha=0.3)
     ax = axes[0][-1]
-    la = np.array([r["label_agreement"][0] for r in cuts])
-    ax.errorbar(x, la * 100, yerr=np.array([r["label_agreement"][1] for r in cuts]) * 100, marker="o", capsize=3,
-                color="black", label="collafuse")
-    if fed is not None:
-        ax.axhline(fed["label_agreement"][0] * 100, color="tab:red", ls="--", label="FedAvg")
+    for key, marker, what in (("label_agreement", "o", "label agreement"), ("client_agreement", "s",
+                                                                            "client agreement")):
+        if all(math.isnan(r[key][0]) for r in cuts):
+            continue
+        ax.errorbar(x, [100 * r[key][0] for r in cuts], yerr=[100 * r[key][1] for r in cuts], marker=marker,
+                    capsize=3, color="black", ls="-" if marker == "o" else ":", label=f"{what} (cuts)")
+    band(ax, "client_agreement" if any(not math.isnan(r["client_agreement"][0]) for r in cuts)
+         else "label_agreement", 100.0)  # the baselines: their client agreement (label agreement where none)
     ax.set_xlabel("t_zeta (client's steps)")
-    ax.set_ylabel("% of samples showing the requested class")
-    ax.set_title("label agreement (higher is better)")
+    ax.set_ylabel("% of samples")
+    ax.set_title("agreement (higher is better)")
     ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     ax.legend(fontsize=7)
@@ -129,7 +141,8 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
         run = runs[r["setting"]][0]["dir"]
         pngs = [run / "samples" / f"client_{c}.png" for c in r["clients"]]
         if all(p.exists() for p in pngs):
-            grids.append((_label(r), [np.asarray(Image.open(p)) for p in pngs]))
+            grids.append((f"t_zeta = {r['label']}" if r["kind"] == "cut" else r["label"],
+                          [np.asarray(Image.open(p)) for p in pngs]))
     if grids:
         ncol = len(grids[0][1])
         fig, axes = plt.subplots(len(grids), ncol, figsize=(2.4 * ncol, 2.4 * len(grids)), dpi=90, squeeze=False)
@@ -140,11 +153,18 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
                 a.set_xticks([])
                 a.set_yticks([])
                 if j == 0:
-                    a.set_ylabel(f"t_zeta = {label}" if not label.startswith("FedAvg") else label, fontsize=8)
+                    a.set_ylabel(label, fontsize=8)
                 if i == 0:
                     a.set_title(f"client {j}", fontsize=9)
         save_figure(fig, out / "samples.png")
         names.append("samples.png")
+    curves = [r["eval"]["distinguishability"] for rs in runs.values() for r in rs[:1]
+              if (r["eval"].get("distinguishability") or {}).get("points") is not None]
+    if curves:  # every arm of a seed has the same data: one curve (the first run's) with every cut marked
+        from ..metrics.distinguish import plot as plot_distinguishability
+
+        plot_distinguishability(curves[0], out / "distinguishability.png", cuts=[int(c) for c in x])
+        names.append("distinguishability.png")
     return names
 
 
@@ -162,31 +182,42 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     plots = _plots(rows, runs, out / "plots")
     cfg = meta["config"]
     metrics = [k for k in METRIC_LABELS if k in rows[0]]
-    n_expected = len(meta["cuts"]) + bool(meta["fedavg"])
+    n_expected = len(sweep_arms(meta))
+    budget = meta.get("budget", "rounds")
+    rule = ("the same rounds for every arm (each client's data used alike; the optimiser steps differ by arm, see "
+            "Training budget)" if budget == "rounds" else
+            "the same optimiser steps for every arm (each arm's rounds set to match a split arm's steps; see "
+            "Training budget)")
+    kinds = [k for k in BASELINES if any(r["kind"] == k for r in rows)]
     lines = [
         f"# Cut-point study: {cfg['data']['name']}", "",
         f"Made by `{meta.get('command') or 'collafuse sweep'}`"
         + (f" in {meta['seconds'] / 60:.1f} minutes" if meta.get("seconds") else "") + ".", "",
-        f"{len(rows)} of {n_expected} settings, {meta['seeds']} seed(s) each. Every setting has the same training "
-        f"budget: {cfg['train']['rounds']} rounds of {cfg['train']['local_steps']} local step(s), batch "
+        f"{len(rows)} of {n_expected} arms, {meta['seeds']} seed(s) each. Budget rule: {rule}. Base: "
+        f"{cfg['train']['rounds']} rounds of {cfg['train']['local_steps']} local step(s), batch "
         f"{cfg['train']['batch_size']}, upload {cfg['train']['upload_size']} images; model preset "
         f"`{cfg['model']['preset']}`; T = {cfg['split']['T']} ({cfg['split']['schedule']}). Metrics on "
         f"{cfg['eval']['n_per_client']} samples per client ({cfg['eval']['sampler']}-{cfg['eval']['steps']}) against "
         f"each client's held-out images; pooled = all clients together. Values are mean ± sd over seeds.", "",
         NOISE_LINE, "",
+    ]
+    if kinds:
+        lines += ["Baselines:", ""] + [f"- {BASELINES[k]}." for k in kinds] + [""]
+    lines += [
         "## Quality", "",
-        "| t_zeta | " + " | ".join(METRIC_LABELS[m] for m in metrics)
-        + " | KID x1e3 (domain) | precision | recall | label agreement |",
-        "|---" * (len(metrics) + 5) + "|",
+        "| arm | " + " | ".join(METRIC_LABELS[m] for m in metrics)
+        + " | KID x1e3 (domain) | precision | recall | label agreement | client agreement |",
+        "|---" * (len(metrics) + 6) + "|",
     ]
     for r in rows:
         kid = r["domain_fid_kid"]
         lines.append(f"| {_label(r)} | " + " | ".join(fmt(r[m]) for m in metrics)
                      + f" | {fmt((kid[0] * 1e3, kid[1] * 1e3, kid[2]))} | {fmt(r['domain_fid_precision'])} | "
-                     f"{fmt(r['domain_fid_recall'])} | {fmt(r['label_agreement'], pct=True)} |")
+                     f"{fmt(r['domain_fid_recall'])} | {fmt(r['label_agreement'], pct=True)} | "
+                     f"{fmt(r['client_agreement'], pct=True)} |")
     lines += ["", "Domain FID per client (each client's samples against its own held-out images; "
               "mean ± sd over seeds):", "",
-              "| t_zeta | " + " | ".join(f"client {c}" for c in rows[0]["clients"]) + " |",
+              "| arm | " + " | ".join(f"client {c}" for c in rows[0]["clients"]) + " |",
               "|---" * (len(rows[0]["clients"]) + 1) + "|"]
     for r in rows:
         lines.append(f"| {_label(r)} | " + " | ".join(fmt(r[f"domain_fid_client_{c}"]) for c in r["clients"]) + " |")
@@ -194,7 +225,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     for m in metrics:
         lines += verdict(rows, m)
     lines += ["", "## Client compute and communication", "",
-              "| t_zeta | client share of network evaluations | client sampling seconds per image | "
+              "| arm | client share of network evaluations | client sampling seconds per image | "
               "bytes a client sends per round |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {_label(r)} | {fmt(r['client_share'], pct=True)} | {r['client_seconds_per_image']:.4f} | "
@@ -202,12 +233,14 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     if any(not math.isnan(r["networks"][0]) for r in rows):
         lines += ["", "## Training budget", "",
                   "What each arm spent on training (runs made before the budget was recorded show '-'): "
-                  "networks trained, optimiser steps and images seen in all (server and clients together), and "
-                  "training FLOPs (3 forward passes per image, the forward counted by PyTorch).", "",
-                  "| t_zeta | networks | optimiser steps | images seen | training FLOPs |", "|---|---|---|---|---|"]
+                  "rounds, networks trained, optimiser steps and images seen in all (server and clients together), "
+                  "and training FLOPs (3 forward passes per image, the forward counted by PyTorch).", "",
+                  "| arm | rounds | networks | optimiser steps | images seen | training FLOPs |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {_label(r)} | {fmt(r['networks'], 0)} | {fmt(r['optimiser_steps'], 0)} | "
-                         f"{fmt(r['images_seen'], 0)} | {_sci(r['training_flops'])} |")
+            lines.append(f"| {_label(r)} | {fmt(r['rounds'], 0)} | {fmt(r['networks'], 0)} | "
+                         f"{fmt(r['optimiser_steps'], 0)} | {fmt(r['images_seen'], 0)} | "
+                         f"{_sci(r['training_flops'])} |")
     lines += ["", "![compute](plots/compute.png)", "", "## Disclosure: what the server receives", "",
               "Held-out images noised to t_zeta as an upload would be. PSNR/SSIM: the server's reconstruction of x_0 "
               "from one upload (the better of two posterior means: under the client's own denoiser, and Bayes under "
@@ -217,7 +250,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
               "of the uploads to all held-out images; at t_zeta = 0 it is the floor (a subset of real images "
               "against all).",
               "",
-              "| t_zeta | SNR (dB) | PSNR (dB) | SSIM | blind PSNR | blind SSIM | upload domain FID | upload FID | "
+              "| arm | SNR (dB) | PSNR (dB) | SSIM | blind PSNR | blind SSIM | upload domain FID | upload FID | "
               "memorisation ratio |", "|---" * 9 + "|"]
     for r in rows:
         lines.append(f"| {_label(r)} | {fmt(r['snr_db'], 1)} | {fmt(r['psnr'])} | {fmt(r['ssim'], 3)} | "
@@ -228,6 +261,22 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
               "copies).", ""]
     if "disclosure.png" in plots:
         lines += ["![disclosure](plots/disclosure.png)", ""]
+    if "distinguishability.png" in plots:
+        d = next(r["eval"]["distinguishability"] for rs in runs.values() for r in rs
+                 if (r["eval"].get("distinguishability") or {}).get("points") is not None)
+        if d["label_names_client"]:
+            text = ("Each class label belongs to one client and the runs are told the label, so the label sent with "
+                    "an upload names its client at every noise level: no cut hides which client an upload is from.")
+        else:
+            level = d["indistinguishable_from"]
+            text = (f"Accuracy of naming an upload's client from x_t{' and its label' if d['given_label'] else ''} "
+                    f"(chance {d['chance']:.2f}; {d['classifier']}; {d['test_images']} held-out images, first seed): "
+                    + ", ".join(f"t = {p['t']}: {p['accuracy']:.2f}" for p in d["points"]) + ". "
+                    + (f"Within two standard errors of chance from t = {level} on: a cut at or above it uploads "
+                       f"nothing that tells the clients apart." if level is not None else
+                       "It never falls to chance on this grid."))
+        lines += ["## When the clients become indistinguishable to the server", "", text, "",
+                  "![distinguishability](plots/distinguishability.png)", ""]
     if "samples.png" in plots:
         lines += ["## Samples (first seed)", "", "![samples](plots/samples.png)", ""]
     notes = sorted({n for rs in runs.values() for r in rs for n in r["eval"].get("missing", [])})

@@ -31,6 +31,7 @@ from ...experiment import DataSpec, build_server, seed_for, server_handover
 from ...privacy import GUARANTEE_KEYS, upload_noise
 from ...server import Server
 from ...split import describe_cuts
+from ..logbook import Logbook, open_logbook
 from ..run_folder import RunSummary, Sampling, finish, num, prepare, save_samples
 from .protocol import (
     FINISH,
@@ -201,6 +202,16 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
     start = time.perf_counter()
     history: list[dict[str, Any]] = []
     bar = tqdm(range(tr.rounds), desc="rounds", unit="round", disable=not progress)
+    book = open_logbook(cfg, run_dir)
+    try:
+        return _rounds(server, fed, cfg, run_dir, bar, book, cids, need, n, history, start, progress)
+    finally:
+        book.close()
+
+
+def _rounds(server: Server, fed: Federation, cfg: Config, run_dir: Path, bar: Any, book: Logbook, cids: list[int],
+            need: int, n: int, history: list[dict[str, Any]], start: float, progress: bool) -> dict[str, Any]:
+    tr = cfg.train
     for r in bar:
         if r:
             fed.greet(cfg.flower.round_timeout)
@@ -215,10 +226,11 @@ def serve(grid: Grid, cfg: Config, run_dir: Path, *, node_dir: str = "", progres
                                  f"{need}); see the log for why")
         history.append(_train_round(server, fed, replies, cids, r))
         history[-1].update(seconds=time.perf_counter() - began, ended_at=time.time())
+        book.round(history[-1])
         bar.set_postfix_str(f"clients {len(replies)}/{n}", refresh=False)
     bar.close()
     wall = time.perf_counter() - start
-    return _finish(server, fed, cfg, run_dir, history, wall, progress)
+    return _finish(server, fed, cfg, run_dir, history, wall, progress, book)
 
 
 def _agreed_spec(info: dict[int, dict[str, Any]]) -> DataSpec:
@@ -260,7 +272,7 @@ def _train_round(server: Server, fed: Federation, replies: dict[int, Message], c
 
 
 def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history: list[dict[str, Any]],
-            wall: float, progress: bool) -> dict[str, Any]:
+            wall: float, progress: bool, book: Logbook | None = None) -> dict[str, Any]:
     """Save the server's model, have every present client sample and evaluate, write metrics and report."""
     for name, trainer in server.model.trainers().items():
         trainer.sampling_model.save(run_dir / "models" / name)
@@ -289,6 +301,9 @@ def _finish(server: Server, fed: Federation, cfg: Config, run_dir: Path, history
                for cid in sorted(done) if "samples" in done[cid].content.array_records}
     scale = max((sum(server.split_for(c).signal_noise_at_cut()) for c in samples), default=1.0)
     save_samples(run_dir, samples, labels, handover, scale)
+    if book is not None:  # what the server holds at the end: its handovers, and the samples clients returned
+        book.images({**{f"handover/client_{c}": x[:8] for c, x in handover.items()},
+                     **{f"samples/client_{c}": x[:8] for c, x in samples.items()}}, len(history))
     return finish(run_dir, _summary(server, fed, cfg, history, wall, evals, done, server_seconds, len(handover)))
 
 
