@@ -404,22 +404,19 @@ def bench_sampling(cfg: config.Config, n: int, ddim_steps: list[int]) -> dict:
 def bench_sampler_quality(cfg: config.Config, rounds: int, n: int, ddim_steps: list[int]) -> dict:
     """Train the default experiment briefly, then domain FID (pooled) of each sampler on the same model."""
     from collafuse.experiment import sample_clients
-    from collafuse.metrics.distances import kid
-    from collafuse.metrics.evaluate import compare, extractors
+    from collafuse.metrics.evaluate import compare_pooled, extractors
 
     cfg, exp, train_s = samplers.trained_digits(rounds)
     domain = extractors(exp)["domain_fid"]
-    real = [domain.cached(c.data.test_x) for c in exp.clients]
+    real = {c.cid: domain.cached(c.data.test_x) for c in exp.clients}
 
     def score(sampler: str, steps: int, seed: int) -> dict:
         settings = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
         start = time.perf_counter()
         out = sample_clients(exp, {c.cid: n for c in exp.clients}, seed=seed, settings=settings)
         secs = time.perf_counter() - start
-        fake = [domain(out.samples[c.cid]) for c in exp.clients]
-        r, f = np.concatenate(real), np.concatenate(fake)
-        res = compare(r, f)
-        return {"domain_fid": res["frechet"], "kid": kid(r, f, subsets=50)[0], "seconds": secs}
+        res = compare_pooled(exp, real, {c.cid: domain(out.samples[c.cid]) for c in exp.clients}, out.labels)
+        return {"domain_fid": res["frechet"], "kid": res["kid"], "seconds": secs}
 
     rows = {"ddpm1000_seed_a": score("ddpm", cfg.split.T, 1), "ddpm1000_seed_b": score("ddpm", cfg.split.T, 2)}
     for k in ddim_steps:

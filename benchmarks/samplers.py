@@ -62,10 +62,12 @@ def one_sided_bound(a: list[float], b: list[float], level: float = 0.95) -> floa
 
 
 def trained_digits(rounds: int) -> tuple[config.Config, object, float]:
-    """The embedded digits experiment trained for ``rounds`` rounds (no Inception): config, experiment, seconds."""
+    """The embedded digits experiment trained for ``rounds`` rounds (no Inception): config, experiment, seconds.
+    Upload noise from the config, as in the studies (one machine plays every party): a rerun trains the same
+    model, so its quality figures repeat (with secret noise each run trains another)."""
     from collafuse.engines.local import train
 
-    cfg = config.load(None, [f"train.rounds={rounds}", "eval.inception='off'"])
+    cfg = config.load(None, [f"train.rounds={rounds}", "eval.inception='off'", "train.upload_noise='reproducible'"])
     exp = build(cfg)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,8 +77,7 @@ def trained_digits(rounds: int) -> tuple[config.Config, object, float]:
 
 def bench(rounds: int = 300, per_client: int = 100, seeds: int = 5, steps: tuple[int, ...] = STEP_COUNTS,
           samplers: tuple[str, ...] = SAMPLERS, time_images: int = TIME_IMAGES) -> dict:
-    from collafuse.metrics.distances import kid
-    from collafuse.metrics.evaluate import compare, extractors
+    from collafuse.metrics.evaluate import compare_pooled, extractors
 
     cfg, exp, train_s = trained_digits(rounds)
     T = cfg.split.T
@@ -102,15 +103,14 @@ def bench(rounds: int = 300, per_client: int = 100, seeds: int = 5, steps: tuple
 
     # quality: pooled domain FID and KID per seed
     domain = extractors(exp)["domain_fid"]
-    real = np.concatenate([domain.cached(c.data.test_x) for c in exp.clients])
+    real = {c.cid: domain.cached(c.data.test_x) for c in exp.clients}
     quality: dict[str, list[dict]] = {f"{s}-{k}": [] for s, k in arms}
     for seed in range(1, seeds + 1):
         for sampler, k in arms:
             settings = dataclasses.replace(cfg.sample, sampler=sampler, steps=k)
             out = sample_clients(exp, {c.cid: per_client for c in exp.clients}, seed=seed, settings=settings)
-            fake = np.concatenate([domain(out.samples[c.cid]) for c in exp.clients])
-            quality[f"{sampler}-{k}"].append({"domain_fid": compare(real, fake)["frechet"],
-                                              "kid": kid(real, fake, subsets=50)[0]})
+            res = compare_pooled(exp, real, {c.cid: domain(out.samples[c.cid]) for c in exp.clients}, out.labels)
+            quality[f"{sampler}-{k}"].append({"domain_fid": res["frechet"], "kid": res["kid"]})
     base_t = statistics.median(times[f"ddpm-{T}"])
     base_q = [q["domain_fid"] for q in quality[f"ddpm-{T}"]]
     rows = {}

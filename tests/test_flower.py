@@ -284,9 +284,10 @@ def test_deployment_with_tls_and_node_authentication(tmp_path):
         collafuse(["run", "--quiet", "--out", str(local), *sets(DEPLOY)], tmp_path)
         files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
         missing = {p.relative_to(local).as_posix() for p in local.rglob("*")
-                   if p.is_file() and p.relative_to(local).parts[0] != "checkpoints"} - files
-        # every file the local engine writes, but for checkpoints and partition.json: which images a client
-        # holds stays on its node (client_<id>/partition.json)
+                   if p.is_file() and p.relative_to(local).parts[0] not in ("checkpoints", "pipelines")} - files
+        # every file the local engine writes, but for checkpoints, the pipelines (each holds the server's model
+        # and a client's, which no party of a deployment holds together: README) and partition.json: which
+        # images a client holds stays on its node (client_<id>/partition.json)
         assert missing == {"partition.json"}, missing
         assert all((out / "models" / f"client_{i}" / "partition.json").exists() for i in range(3))
         assert_same_weights(local, out, "server")  # separate processes, same maths

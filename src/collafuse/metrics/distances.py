@@ -47,28 +47,56 @@ def frechet_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet(*stats(a), *stats(b))
 
 
-def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        strata_a: np.ndarray | None = None, strata_b: np.ndarray | None = None) -> tuple[float, float]:
     """Kernel inception distance: unbiased MMD^2 with the cubic kernel (x.y/d + 1)^3.
 
     Averaged over random subsets of equal size (at most the smaller set); returns (mean, std).
+
+    ``strata_a`` / ``strata_b``: a label per row where a set is stratified, that is drawn with fixed counts per
+    label rather than independently (a class-conditional model asked for its classes in turn; a held-out split
+    made class by class). The usual estimator's within-set term, the mean kernel over distinct pairs, then
+    counts too few same-label pairs: with class-clustered features (a classifier's) it is biased far below zero
+    (``tests/test_metrics.py``: -7.5 for two draws of one distribution). With strata the within-set term is
+    the mixture's, sum_{c,c'} w_c w_c' mean k(c, c'), each block mean over distinct pairs, w the set's own
+    shares: unbiased whenever the rows of one label are independent draws of that label's distribution.
     """
     a, b = _check(a, "first set", 2), _check(b, "second set", 2)
     if a.shape[1] != b.shape[1]:
         raise MetricError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+    for name, st, x in (("strata_a", strata_a, a), ("strata_b", strata_b, b)):
+        if st is not None and len(st) != len(x):
+            raise MetricError(f"{name} has {len(st)} labels for {len(x)} rows")
     d = a.shape[1]
     m = min(len(a), len(b), subset_size)
     rng = np.random.default_rng(seed)
     vals = np.empty(subsets)
     for i in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
+        ia, ib = rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)
+        x, y = a[ia], b[ib]
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
-        vals[i] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                   - 2 * kxy.mean())
+        vals[i] = (_within(kxx, None if strata_a is None else np.asarray(strata_a)[ia])
+                   + _within(kyy, None if strata_b is None else np.asarray(strata_b)[ib]) - 2 * kxy.mean())
     return float(vals.mean()), float(vals.std())
+
+
+def _within(k: np.ndarray, strata: np.ndarray | None) -> float:
+    """E k(x, x') for independent x, x' of one set, from its kernel matrix (module docstring of :func:`kid`)."""
+    m = len(k)
+    if strata is None:
+        return float((k.sum() - np.trace(k)) / (m * (m - 1)))
+    _, inv, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    if (counts < 2).any():  # a label seen once has no pair of its own: its block cannot be estimated
+        return float((k.sum() - np.trace(k)) / (m * (m - 1)))
+    onehot = np.eye(len(counts))[inv]
+    block = onehot.T @ k @ onehot  # sums over (label, label') blocks
+    pairs = np.outer(counts, counts).astype(float)
+    block[np.diag_indices_from(block)] -= np.bincount(inv, weights=np.diag(k))
+    pairs[np.diag_indices_from(pairs)] -= counts
+    w = counts / m
+    return float(w @ (block / pairs) @ w)
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:

@@ -62,10 +62,14 @@ def extractors(exp: Experiment) -> dict[str, Extractor]:
     return out
 
 
-def compare(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Frechet distance, KID, precision and recall of one generated set against one real set."""
+def compare(real: np.ndarray, fake: np.ndarray, seed: int = 0, strata_real: np.ndarray | None = None,
+            strata_fake: np.ndarray | None = None) -> dict[str, Any]:
+    """Frechet distance, KID, precision and recall of one generated set against one real set. ``strata_*``: the
+    label of each row where a set has fixed counts per label (held-out images split class by class; samples
+    asked for their classes in turn), which KID's estimator needs to stay unbiased (:func:`kid`)."""
     n, d = min(len(real), len(fake)), real.shape[1]
-    kid_mean, kid_std = kid(real, fake, subsets=50, subset_size=1000, seed=seed)
+    kid_mean, kid_std = kid(real, fake, subsets=50, subset_size=1000, seed=seed, strata_a=strata_real,
+                            strata_b=strata_fake)
     precision, recall = precision_recall(real, fake, k=3)
     return {"frechet": frechet_features(real, fake), "kid": kid_mean, "kid_std": kid_std,
             "precision": precision, "recall": recall, "n_real": len(real), "n_fake": len(fake),
@@ -181,6 +185,30 @@ def memorisation(exp: Experiment, samples: dict[int, Tensor]) -> dict[str, Any]:
                                                            for v in per.values()]))}
 
 
+def sample_strata(exp: Experiment, labels: dict[int, Tensor | None]
+                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray | None]]:
+    """Per client, the strata of its held-out images (their class: the split is made class by class) and of its
+    samples (the classes they were asked for, in turn; None where the model was not told a class)."""
+    real = {c.cid: np.asarray(c.data.test_y).astype(np.int64) for c in exp.clients}
+    fake = {cid: None if y is None or y.dim() != 1 else y.numpy().astype(np.int64) for cid, y in labels.items()}
+    return real, fake
+
+
+def compare_pooled(exp: Experiment, reals: dict[int, np.ndarray], fakes: dict[int, np.ndarray],
+                   labels: dict[int, Tensor | None]) -> dict[str, Any]:
+    """:func:`compare` of every client's features together, each (client, class) its own stratum."""
+    real_strata, fake_strata = sample_strata(exp, labels)
+    offset = exp.data.num_classes + 1
+
+    def pooled(strata: dict[int, np.ndarray | None]) -> np.ndarray | None:
+        if any(strata[cid] is None for cid in reals):
+            return None
+        return np.concatenate([strata[cid] + cid * offset for cid in reals])
+
+    return compare(np.concatenate(list(reals.values())), np.concatenate([fakes[cid] for cid in reals]),
+                   strata_real=pooled(real_strata), strata_fake=pooled(fake_strata))
+
+
 def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Every metric of the module docstring for a trained experiment; written to RUN_DIR/eval.json."""
     start = time.perf_counter()
@@ -192,16 +220,14 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
     sample_seconds = time.perf_counter() - start
     feats = extractors(exp)
     quality: dict[str, Any] = {}
+    real_strata, fake_strata = sample_strata(exp, out.labels)
     for name, ext in feats.items():
-        per = {}
-        reals, fakes = [], []
-        for c in exp.clients:
-            r, f = ext.cached(c.data.test_x), ext(samples[c.cid])
-            per[str(c.cid)] = compare(r, f)
-            reals.append(r)
-            fakes.append(f)
-        quality[name] = {"extractor": ext.name, "per_client": per,
-                         "pooled": compare(np.concatenate(reals), np.concatenate(fakes))}
+        reals = {c.cid: ext.cached(c.data.test_x) for c in exp.clients}
+        fakes = {c.cid: ext(samples[c.cid]) for c in exp.clients}
+        per = {str(cid): compare(reals[cid], fakes[cid], strata_real=real_strata[cid], strata_fake=fake_strata[cid])
+               for cid in reals}
+        quality[name] = {"extractor": ext.name, "per_client": per, "pooled": compare_pooled(exp, reals, fakes,
+                                                                                          out.labels)}
         if name == "domain_fid":
             quality[name]["classifier_test_accuracy"] = ext.test_accuracy
     result: dict[str, Any] = {
