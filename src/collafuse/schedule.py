@@ -197,6 +197,16 @@ def ddpm_loop(
     return x
 
 
+def clip_x0(x_t: Tensor, eps: Tensor, abar_t: float, clip: float | None) -> tuple[Tensor, Tensor]:
+    """(x_0 prediction, epsilon) from x_t and epsilon; with ``clip``, x_0 bounded to [-clip, clip] and epsilon
+    recomputed from it (the clip rule of every sampler but DDPM's, which clips x_0 in its posterior mean)."""
+    x0 = (x_t - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+    if clip is None:
+        return x0, eps
+    x0 = x0.clamp(-clip, clip)
+    return x0, (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+
+
 def ddim_step(
     schedule: NoiseSchedule,
     eps_full: Tensor,
@@ -209,10 +219,7 @@ def ddim_step(
 ) -> Tensor:
     """One DDIM step x_t -> x_s (s < t) in the full chain's coordinates."""
     a_t, a_s = float(schedule.abar[t]), float(schedule.abar[s])
-    x0 = (x_t - math.sqrt(1 - a_t) * eps_full) / math.sqrt(a_t)
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-        eps_full = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    x0, eps_full = clip_x0(x_t, eps_full, a_t, clip)
     sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if s > 0 else 0.0
     x_s = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps_full
     if sigma > 0:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .schedule import EpsFn, NoiseSchedule
+from .schedule import EpsFn, NoiseSchedule, clip_x0
 
 # our name -> (diffusers class name, its keyword arguments); the diffusers class names are taken too
 SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -56,7 +56,6 @@ SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {"final_sigmas_type": "zero", "timestep_spacing": "leading"}),
 }
 ALIASES = {cls: name for name, (cls, _) in SOLVERS.items()}
-HANDOVERS = ("restart", "history")
 
 
 def solver_name(sampler: str) -> str | None:
@@ -90,10 +89,7 @@ def _clipped(schedule: NoiseSchedule, eps_full: EpsFn, clip: float | None) -> Ep
         return eps_full
 
     def eps(x: Tensor, t: Tensor) -> Tensor:
-        a = float(schedule.abar[int(t[0])])
-        e = eps_full(x, t)
-        x0 = ((x - math.sqrt(1 - a) * e) / math.sqrt(a)).clamp(-clip, clip)
-        return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return clip_x0(x, eps_full(x, t), float(schedule.abar[int(t[0])]), clip)[1]
 
     return eps
 
@@ -139,7 +135,8 @@ def run(sampler: str, schedule: NoiseSchedule, eps_full: EpsFn, x: Tensor, times
     sample = x / _vp_factor(scheduler, first)
     end = own.index(stop)
     for i in range(first, end):
-        if i == end - 1 and stop > 0 and i > first and _long_landing(schedule, own[i - 1], own[i], stop):
+        if (i == end - 1 and stop > 0 and i > first and hasattr(scheduler, "lower_order_nums")
+                and _long_landing(schedule, own[i - 1], own[i], stop)):
             scheduler.lower_order_nums = 0  # DPM-Solver++ steps first order onto the cut (module docstring)
         model_input = scheduler.scale_model_input(sample, scheduler.timesteps[i])  # x_t in the chain's scale
         tt = torch.full((x.shape[0],), own[i], dtype=torch.long, device=x.device)

@@ -111,12 +111,12 @@ def steps_per_round(d: dict, clients: int) -> int:
     return server + (clients * tr["local_steps"] if cut > 0 else 0)
 
 
-def arm_config(base: dict, arm: Arm, finetune_rounds: int) -> dict:
+def arm_config(base: dict, arm: Arm) -> dict:
     """The config dict of one arm's run."""
     d = json.loads(json.dumps(base))
     d["split"]["t_zeta"] = arm.t_zeta
     d["train"]["aggregation"] = "fedavg" if arm.kind in ("fedavg", "finetune") else "none"
-    d["train"]["finetune_rounds"] = finetune_rounds if arm.kind == "finetune" else 0
+    d["train"]["finetune_rounds"] = 0  # plan() sets the fine-tuning arm's from its rounds
     d["train"]["client_models"] = "shared" if arm.kind == "two-stage" else "own"
     d["model"]["client_id"] = arm.kind == "client-id"
     # one machine plays every party, and a rerun must give the same figures: noise from the config
@@ -139,12 +139,12 @@ def plan(base: config_mod.Config, cuts: list[int], seeds: int, baselines: list[s
     T, rounds = base.split.T, base.train.rounds
     k = clients or len(base.data.clients)
     base_dict = base.to_dict()
-    split_arm = arm_config(base_dict, Arm("cut", max(1, T // 10)), 0)
+    split_arm = arm_config(base_dict, Arm("cut", max(1, T // 10)))
     reference = steps_per_round(split_arm, k) * rounds
     jobs = []
     for seed in range(seeds):
         for arm in arms(cuts, baselines, T):
-            d = arm_config(base_dict, arm, 0)
+            d = arm_config(base_dict, arm)
             d["run"]["seed"] = base.run.seed + seed
             if budget == "steps":
                 d["train"]["rounds"] = max(1, round(reference / steps_per_round(d, k)))
