@@ -1,6 +1,10 @@
 """The sampler table: DDIM and diffusers' solvers across the cut against split DDPM-1000, on one trained model.
 
-    python -m benchmarks.samplers [--quick] [--out runs/samplers.json]
+    python -m benchmarks.samplers [--quick] [--samplers ddim,sde-dpmsolver++] [--steps 10,20,50] [--seeds 5]
+                                  [--out runs/samplers.json]
+
+Rows (:data:`SAMPLERS`): our DDIM at eta = 0 and at eta = 1 (``ddim-eta1``: DDPM on the strided timesteps),
+diffusers' DPM-Solver++ (2M) in its ODE and SDE forms, and Euler.
 
 It trains the embedded digits experiment (default cut t_zeta = 200 of T = 1000) for ``--rounds`` rounds, then
 for each sampler and step count measures, on that model:
@@ -12,7 +16,9 @@ for each sampler and step count measures, on that model:
 
 The verdict per row is a one-sided Welch test: the row is "within 10%" when the upper 95% confidence bound of
 mean(row) - mean(DDPM-1000) over seeds is at most 10% of DDPM-1000's mean domain FID. ``python -m benchmarks
---only solvers`` runs the same and puts the table beside the others.
+--only solvers`` runs the same and puts the table beside the others. With DDPM-1000's seed-to-seed spread on
+this model (sd 0.10), 5 seeds cannot certify any sampler, not even one identical to DDPM-1000: use
+``--seeds 20`` to decide (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from collafuse import config
 from collafuse.experiment import build, sample_clients
 from collafuse.files import write_text_atomic
 
-SAMPLERS = ("ddim", "dpmsolver++", "euler")
+# a row's name -> (sample.sampler, sample.eta): DDIM at eta = 1 is DDPM on the strided timesteps
+SAMPLERS = {"ddim": ("ddim", 0.0), "ddim-eta1": ("ddim", 1.0), "dpmsolver++": ("dpmsolver++", 0.0),
+            "sde-dpmsolver++": ("sde-dpmsolver++", 0.0), "euler": ("euler", 0.0)}
 STEP_COUNTS = (10, 20, 50)
 TOLERANCE = 0.10  # of DDPM-1000's mean domain FID
 TIME_IMAGES = 64
@@ -76,7 +84,7 @@ def trained_digits(rounds: int) -> tuple[config.Config, object, float]:
 
 
 def bench(rounds: int = 300, per_client: int = 100, seeds: int = 5, steps: tuple[int, ...] = STEP_COUNTS,
-          samplers: tuple[str, ...] = SAMPLERS, time_images: int = TIME_IMAGES) -> dict:
+          samplers: tuple[str, ...] = tuple(SAMPLERS), time_images: int = TIME_IMAGES) -> dict:
     from collafuse.metrics.evaluate import compare_pooled, extractors
 
     cfg, exp, train_s = trained_digits(rounds)
@@ -87,11 +95,13 @@ def bench(rounds: int = 300, per_client: int = 100, seeds: int = 5, steps: tuple
     client = exp.clients[0]
     labels = client.encode(client.sample_labels(time_images))
 
-    def job(sampler: str, k: int):
+    def job(name: str, k: int):
+        sampler, eta = SAMPLERS.get(name, (name, 0.0))
+
         def fn() -> None:
             g = torch.Generator().manual_seed(0)
-            x = exp.server.handover(time_images, labels, sampler=sampler, steps=k, generator=g)
-            client.finish(x, labels, sampler=sampler, steps=k, generator=g)
+            x = exp.server.handover(time_images, labels, sampler=sampler, steps=k, eta=eta, generator=g)
+            client.finish(x, labels, sampler=sampler, steps=k, eta=eta, generator=g)
         return fn
 
     for sampler, k in arms[1:]:
@@ -107,7 +117,8 @@ def bench(rounds: int = 300, per_client: int = 100, seeds: int = 5, steps: tuple
     quality: dict[str, list[dict]] = {f"{s}-{k}": [] for s, k in arms}
     for seed in range(1, seeds + 1):
         for sampler, k in arms:
-            settings = dataclasses.replace(cfg.sample, sampler=sampler, steps=k)
+            real_sampler, eta = SAMPLERS.get(sampler, (sampler, 0.0))
+            settings = dataclasses.replace(cfg.sample, sampler=real_sampler, steps=k, eta=eta)
             out = sample_clients(exp, {c.cid: per_client for c in exp.clients}, seed=seed, settings=settings)
             res = compare_pooled(exp, real, {c.cid: domain(out.samples[c.cid]) for c in exp.clients}, out.labels)
             quality[f"{sampler}-{k}"].append({"domain_fid": res["frechet"], "kid": res["kid"]})
@@ -154,10 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--per-client", type=int, default=100, help="images per client per seed (default 100)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"rows to measure (default: {','.join(SAMPLERS)})")
+    p.add_argument("--steps", default=",".join(map(str, STEP_COUNTS)), help="step counts (default: 10,20,50)")
     p.add_argument("--out", default="runs/samplers.json")
     args = p.parse_args(argv)
+    samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown:
+        p.error(f"unknown sampler {', '.join(unknown)}: use some of {', '.join(SAMPLERS)}")
+    try:
+        steps = tuple(int(k) for k in args.steps.split(","))
+    except ValueError:
+        p.error(f"--steps {args.steps!r}: give step counts separated by commas, e.g. 10,20,50")
     kw = dict(rounds=100, per_client=20, seeds=2, steps=(10,)) if args.quick else dict(
-        rounds=args.rounds, per_client=args.per_client, seeds=args.seeds)
+        rounds=args.rounds, per_client=args.per_client, seeds=args.seeds, steps=steps)
+    kw["samplers"] = samplers
     result = bench(**kw)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,11 @@ def test_the_sampler_table_runs_every_arm_on_one_model() -> None:
     from benchmarks.samplers import bench, render
 
     r = bench(rounds=2, per_client=4, seeds=2, steps=(10,), time_images=2)
-    assert set(r["rows"]) == {"ddpm-1000", "ddim-10", "dpmsolver++-10", "euler-10"}
+    assert set(r["rows"]) == {"ddpm-1000", "ddim-10", "ddim-eta1-10", "dpmsolver++-10", "sde-dpmsolver++-10",
+                              "euler-10"}
+    # the stochastic rows draw other images than their deterministic twins
+    for noisy, plain in (("ddim-eta1-10", "ddim-10"), ("sde-dpmsolver++-10", "dpmsolver++-10")):
+        assert r["rows"][noisy]["per_seed"] != r["rows"][plain]["per_seed"]
     for name, row in r["rows"].items():
         assert len(row["per_seed"]) == 2 and row["s_per_image"] > 0 and row["domain_fid_mean"] > 0
         assert ("within_10pct" in row) == (name != "ddpm-1000")

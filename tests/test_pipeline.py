@@ -30,27 +30,28 @@ def trained(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("pipe"))
 
 
-def _swap(pipe: CollaFusePipeline, name: str) -> None:
+def _swap(pipe: CollaFusePipeline, name: str, **kwargs) -> None:
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **kwargs)
 
 
-@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
-                                       "EulerDiscreteScheduler"])
-def test_the_pipeline_draws_what_the_run_draws(trained, scheduler: str) -> None:
+@pytest.mark.parametrize("scheduler,sampler", [("DDPMScheduler", "ddpm"), ("DDIMScheduler", "ddim"),
+                                               ("DPMSolverMultistepScheduler", "dpmsolver++"),
+                                               ("DPMSolverMultistepScheduler", "sde-dpmsolver++"),
+                                               ("EulerDiscreteScheduler", "euler")])
+def test_the_pipeline_draws_what_the_run_draws(trained, scheduler: str, sampler: str) -> None:
     """Same noise, same images: the pipeline's split sampling is the run's (server handover, then the client's
-    finish), for every scheduler it takes."""
+    finish), for every scheduler it takes (DPM-Solver++ in either algorithm_type)."""
     exp, run = trained
-    sampler = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmsolver++",
-               "EulerDiscreteScheduler": "euler"}[scheduler]
     client = exp.clients[1]
     labels = torch.tensor([4, 5, 6, 4])
     g = torch.Generator().manual_seed(11)
     x_cut = exp.server.handover(4, client.encode(labels), sampler=sampler, steps=10, generator=g)
     want = client.finish(x_cut, client.encode(labels), sampler=sampler, steps=10, generator=g)
     pipe = CollaFusePipeline.from_pretrained(run / "pipelines" / "client_1")
-    _swap(pipe, scheduler)
+    _swap(pipe, scheduler, **({"algorithm_type": sampler} if "dpmsolver" in sampler else {}))
+    assert pipe.sampler() == sampler
     got = pipe(class_labels=labels, num_inference_steps=10, generator=torch.Generator().manual_seed(11),
                output_type="pt").images
     torch.testing.assert_close(got, want)
@@ -80,6 +81,9 @@ def test_bad_labels_and_schedulers_are_clear_errors(trained) -> None:
         pipe(class_labels=[10])
     _swap(pipe, "PNDMScheduler")
     with pytest.raises(ConfigError, match="PNDMScheduler cannot sample across the cut"):
+        pipe(batch_size=1)
+    _swap(pipe, "DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    with pytest.raises(ConfigError, match="algorithm_type='dpmsolver' cannot sample across the cut"):
         pipe(batch_size=1)
 
 

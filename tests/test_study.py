@@ -41,6 +41,7 @@ def test_sweep_runs_every_setting_and_seed_with_one_budget(sweep_dir: Path) -> N
             run = sweep_dir / s / f"seed_{seed}"
             cfg = config.load(run / "config.toml")
             assert cfg.run.seed == seed and cfg.train.rounds == 4 and cfg.train.batch_size == 8
+            assert cfg.data.seed == config.load(None, []).data.seed + seed  # a split per seed, shared by its arms
             assert cfg.split.t_zeta == cut
             assert cfg.train.aggregation == ("fedavg" if s.startswith("fedavg") else "none")
             assert cfg.train.finetune_rounds == (1 if s == "fedavg_finetune" else 0)
@@ -76,6 +77,16 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
     assert "Claim 'a small cut beats both baselines'" in text and "FedAvg + local fine-tuning" in text
     assert "| global model told the client |" in text and "| two-stage control at 10 |" in text
     assert "- Personalisation: the split at t_zeta = 10 (" in text
+    # the verdict: a primary metric chosen against the real floor, and paired intervals over the 2 seeds
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    v = summary["verdict"]
+    assert v["primary"] in {"domain_kid", "domain_fid"} and v["candidates"][0]["seeds"] == 2
+    pairs = {(c["a"], c["b"], c["client"]): c for c in v["comparisons"]}
+    c = pairs[("cut_0020", "cut_0000", None)]
+    assert c["seeds"] == 2 and c["lo"] <= c["diff"] <= c["hi"]
+    assert ("cut_0010", "fedavg", None) in pairs and ("cut_0020", "cut_0100", "1") in pairs
+    assert "Primary metric:" in text and (sweep_dir / "plots" / "floor.png").stat().st_size > 5000
+    assert {r["setting"] for r in summary["arms"]} == {p.name for p in sweep_dir.iterdir() if p.is_dir()} - {"plots"}
     assert (sweep_dir / "plots" / "distinguishability.png").stat().st_size > 5000
     # the digits' class clients with a class-conditional model: the label names the client, and the report says so
     assert "the label sent with an upload names its client" in text
@@ -219,7 +230,7 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     assert (run / "eval.json").stat().st_mtime_ns == before  # finished runs are not redone
     text = report(out).read_text()
     assert "FID skipped" in text and (out / "plots" / "quality.png").stat().st_size > 5000
-    assert "- Personalisation: the split at t_zeta = 20 (" in text and "| two-stage control at 20 |" in text
+    assert "- One seed only: no paired interval" in text and "| two-stage control at 20 |" in text
     control = config.load(out / "two_stage_0020" / "seed_0" / "config.toml")
     assert control.train.client_models == "shared" and control.split.t_zeta == 20
     res = run_main("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=tmp_path)
@@ -269,3 +280,14 @@ def test_a_steps_budget_gives_every_arm_the_optimiser_steps_of_a_split_arm(tmp_p
     assert rounds["cut_0000"] == rounds["client_id"] == 9
     assert rounds["cut_0100"] == rounds["fedavg"] == 4  # 27 / 6 = 4.5 rounds, to even
     assert rounds["fedavg_finetune"] == rounds["fedavg"]
+
+
+@pytest.mark.parametrize("name", ["r1-digits-conditional", "r2-digits-unconditional", "r3-glyphs-style"])
+def test_the_study_configs_load_and_differ_only_where_the_regimes_do(name: str) -> None:
+    """The three regimes of the powered study: each a valid config with 300 samples per client, evaluated
+    with the sampler the benchmark certified, and the conditioning its regime needs."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "study"
+    cfg = config.load(root / f"{name}.toml")
+    assert cfg.eval.n_per_client >= 300 and (cfg.eval.sampler, cfg.eval.steps) == ("sde-dpmsolver++", 50)
+    assert cfg.model.conditional == (name != "r2-digits-unconditional")
+    assert cfg.data.name == ("glyphs" if name.startswith("r3") else "digits")

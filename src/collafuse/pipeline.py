@@ -35,7 +35,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from .errors import ConfigError
 from .models import Denoiser
 from .schedule import NoiseSchedule
-from .solvers import ALIASES
+from .solvers import ALIASES, SOLVERS
 from .split import Split
 
 # a scheduler class -> our sampler
@@ -67,7 +67,13 @@ class CollaFusePipeline(DiffusionPipeline):
         name = type(self.scheduler).__name__
         if name not in SCHEDULER_SAMPLERS:
             raise ConfigError(f"{name} cannot sample across the cut: use one of {', '.join(SCHEDULER_SAMPLERS)}")
-        return SCHEDULER_SAMPLERS[name]
+        algorithm = self.scheduler.config.get("algorithm_type")
+        if algorithm is None:
+            return SCHEDULER_SAMPLERS[name]
+        if algorithm not in SOLVERS:
+            raise ConfigError(f"{name} with algorithm_type={algorithm!r} cannot sample across the cut: use "
+                              f"algorithm_type='dpmsolver++' or 'sde-dpmsolver++'")
+        return algorithm
 
     def _denoiser(self, unet: Any) -> Denoiser:
         return Denoiser(unet, self.config.num_classes).eval()
@@ -140,9 +146,12 @@ def scheduler_for(schedule: NoiseSchedule, sampler: str) -> Any:
     """The diffusers scheduler a pipeline starts with for a run sampled with ``sampler``, on its betas."""
     import diffusers
 
-    name = next((cls for cls, ours in SCHEDULER_SAMPLERS.items() if ours == sampler), "DDIMScheduler")
+    name = SOLVERS[sampler][0] if sampler in SOLVERS else next(
+        (cls for cls, ours in SCHEDULER_SAMPLERS.items() if ours == sampler), "DDIMScheduler")
     kwargs = {"num_train_timesteps": schedule.T, "trained_betas": schedule.betas[1:].tolist(),
               "prediction_type": "epsilon"}
+    if sampler in SOLVERS and "algorithm_type" in SOLVERS[sampler][1]:
+        kwargs["algorithm_type"] = SOLVERS[sampler][1]["algorithm_type"]
     return getattr(diffusers, name)(**kwargs)
 
 

@@ -51,11 +51,14 @@ from .schedule import EpsFn, NoiseSchedule, clip_x0
 SOLVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                     "lower_order_final": True, "final_sigmas_type": "zero"}),
+    # the stochastic (SDE) variant: each step adds fresh noise from the caller's generator, as DDPM does
+    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                        "lower_order_final": True, "final_sigmas_type": "zero"}),
     # with a list of timesteps only init_noise_sigma reads the spacing: 'leading' makes it sqrt(sigma_T^2 + 1),
     # the scale of x_T in Euler's coordinates ('linspace' gives sigma_T, short of it where T is small)
     "euler": ("EulerDiscreteScheduler", {"final_sigmas_type": "zero", "timestep_spacing": "leading"}),
 }
-ALIASES = {cls: name for name, (cls, _) in SOLVERS.items()}
+ALIASES = {cls: name for name, (cls, _) in SOLVERS.items() if name != "sde-dpmsolver++"}  # the class: the ODE one
 
 
 def solver_name(sampler: str) -> str | None:
@@ -115,10 +118,11 @@ _STATE = ("model_outputs", "lower_order_nums")  # DPM-Solver++'s history (Euler 
 
 def run(sampler: str, schedule: NoiseSchedule, eps_full: EpsFn, x: Tensor, timesteps: list[int], *,
         start: int | None = None, stop: int = 0, clip: float | None = None, state: dict[str, Any] | None = None,
-        progress: Callable[[int], None] | None = None) -> Handover:
+        generator: torch.Generator | None = None, progress: Callable[[int], None] | None = None) -> Handover:
     """Run ``sampler`` along ``timesteps`` (ours, decreasing to 0) from x = x_start (default: the first) down to
     x_stop, both among them. Without ``state`` the scheduler starts afresh at ``start``; with the ``state`` a
-    run stopped at ``start`` returned, it goes on as if it had never stopped."""
+    run stopped at ``start`` returned, it goes on as if it had never stopped. A stochastic solver draws its
+    noise from ``generator``."""
     start = timesteps[0] if start is None else start
     if start not in timesteps or stop not in timesteps or stop > start or timesteps[-1] != 0:
         raise ValueError(f"start {start} and stop {stop} must be among the timesteps {timesteps} (ending at 0)")
@@ -140,7 +144,8 @@ def run(sampler: str, schedule: NoiseSchedule, eps_full: EpsFn, x: Tensor, times
             scheduler.lower_order_nums = 0  # DPM-Solver++ steps first order onto the cut (module docstring)
         model_input = scheduler.scale_model_input(sample, scheduler.timesteps[i])  # x_t in the chain's scale
         tt = torch.full((x.shape[0],), own[i], dtype=torch.long, device=x.device)
-        sample = scheduler.step(eps(model_input, tt).to(sample.dtype), scheduler.timesteps[i], sample).prev_sample
+        sample = scheduler.step(eps(model_input, tt).to(sample.dtype), scheduler.timesteps[i], sample,
+                                generator=generator).prev_sample
         if progress is not None:
             progress(1)
     kept = {k: list(getattr(scheduler, k)) if isinstance(getattr(scheduler, k), list) else getattr(scheduler, k)

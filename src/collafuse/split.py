@@ -141,7 +141,8 @@ class Split:
         if solver_name(sampler) is not None:  # both sides on one list of timesteps that holds t_zeta
             full = server_ts[:-1] + client_ts
             ends = {"stop": self.t_zeta} if side == 0 else {"start": self.t_zeta}
-            return run_solver(sampler, self.schedule, eps_full, x, full, clip=clip, progress=progress, **ends).x
+            return run_solver(sampler, self.schedule, eps_full, x, full, clip=clip, generator=generator,
+                              progress=progress, **ends).x
         ts = (server_ts, client_ts)[side]
         return ddim_loop(self.schedule, eps_full, x, ts, eta=eta, generator=generator, clip=clip, progress=progress)
 

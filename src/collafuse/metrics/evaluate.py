@@ -76,6 +76,78 @@ def compare(real: np.ndarray, fake: np.ndarray, seed: int = 0, strata_real: np.n
             "small_sample": n < SMALL_SAMPLE_FACTOR * d}
 
 
+FLOOR_KEYS = ("frechet", "kid", "precision", "recall")
+
+
+def halves(strata: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of a held-out set, class by class (each class's rows shuffled and dealt out, an odd
+    one to each half in turn), so that both hold every class in the set's proportions; each half shuffled."""
+    rng = np.random.default_rng(seed)
+    a, b, odd = [], [], 0
+    for label in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == label))
+        cut = (len(idx) + odd) // 2
+        odd ^= len(idx) % 2
+        a.append(idx[:cut])
+        b.append(idx[cut:])
+    return rng.permutation(np.concatenate(a)), rng.permutation(np.concatenate(b))
+
+
+FLOOR_SPLITS = 8  # random half-splits averaged: one split of ~100 held-out images is a noisy floor
+
+
+def floor_compare(real: np.ndarray, fake: np.ndarray, strata_real: np.ndarray, strata_fake: np.ndarray | None,
+                  seed: int = 0, splits: int = FLOOR_SPLITS) -> dict[str, Any]:
+    """The real-against-real floor of every distance, and the samples measured the same way.
+
+    The held-out images are split into halves R and H (:func:`halves`). The floor is R against H; the samples
+    are measured against R at H's image count, in disjoint chunks of that size (as many as the samples fill),
+    so both use the same reference and the same counts, and a Frechet distance's count-dependent bias is the
+    same in both: a model as good as fresh real images reads the floor, on every metric
+    (``tests/test_paired.py``). Both figures are averaged over ``splits`` random half-splits, since with a
+    hundred held-out images one split's floor swings by as much as the differences between arms."""
+    return _floor({"": (real, fake, strata_real, strata_fake)}, seed, splits)
+
+
+def _floor(parts: dict[Any, tuple], seed: int, splits: int) -> dict[str, Any]:
+    """:func:`floor_compare` of one or more (real, fake, strata_real, strata_fake) sets; several are pooled, each
+    set's halves and chunks taken on its own and then put together."""
+    floors, matched = [], []
+    for k in range(splits):
+        ref, ref_s, half, half_s, chunks = [], [], [], [], []
+        for real, fake, s_real, s_fake in parts.values():
+            ia, ib = halves(s_real, seed + 7919 * k)
+            n = min(len(ib), len(fake))
+            ib = ib[:n]
+            ref.append(real[ia])
+            ref_s.append(s_real[ia])
+            half.append(real[ib])
+            half_s.append(s_real[ib])
+            # consecutive chunks of the samples in the order drawn, so labels asked for in turn stay balanced
+            chunks.append([(fake[i:i + n], None if s_fake is None else s_fake[i:i + n])
+                           for i in range(0, len(fake) - n + 1, n)])
+        r, rs = np.concatenate(ref), np.concatenate(ref_s)
+        floors.append(compare(r, np.concatenate(half), seed, rs, np.concatenate(half_s)))
+        for j in range(min(len(c) for c in chunks)):
+            f = np.concatenate([c[j][0] for c in chunks])
+            fs = None if any(c[j][1] is None for c in chunks) else np.concatenate([c[j][1] for c in chunks])
+            matched.append(compare(r, f, seed, rs, fs))
+    return {"floor": {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS},
+            "matched": {k: float(np.mean([m[k] for m in matched])) for k in FLOOR_KEYS},
+            "n_reference": len(r), "n_compared": len(np.concatenate(half)), "chunks": len(matched) // splits,
+            "splits": splits}
+
+
+def pooled_floor(exp: Experiment, reals: dict[int, np.ndarray], fakes: dict[int, np.ndarray],
+                 labels: dict[int, Tensor | None], seed: int = 0, splits: int = FLOOR_SPLITS) -> dict[str, Any]:
+    """:func:`floor_compare` of every client together, each (client, class) its own stratum."""
+    real_strata, fake_strata = sample_strata(exp, labels)
+    offset = exp.data.num_classes + 1
+    return _floor({cid: (reals[cid], fakes[cid], real_strata[cid] + cid * offset,
+                         None if fake_strata[cid] is None else fake_strata[cid] + cid * offset) for cid in reals},
+                  seed, splits)
+
+
 def psnr(a: Tensor, b: Tensor) -> Tensor:
     """Per-image PSNR in dB of images in [-1, 1], on the [0, 1] scale."""
     mse = (((a.float() - b.float()) / 2) ** 2).flatten(1).mean(1)
@@ -225,9 +297,11 @@ def evaluate(exp: Experiment, run_dir: Path | None = None, progress: bool = Fals
         reals = {c.cid: ext.cached(c.data.test_x) for c in exp.clients}
         fakes = {c.cid: ext(samples[c.cid]) for c in exp.clients}
         per = {str(cid): compare(reals[cid], fakes[cid], strata_real=real_strata[cid], strata_fake=fake_strata[cid])
+               | floor_compare(reals[cid], fakes[cid], real_strata[cid], fake_strata[cid], ev.seed)
                for cid in reals}
-        quality[name] = {"extractor": ext.name, "per_client": per, "pooled": compare_pooled(exp, reals, fakes,
-                                                                                          out.labels)}
+        quality[name] = {"extractor": ext.name, "per_client": per,
+                         "pooled": compare_pooled(exp, reals, fakes, out.labels)
+                         | pooled_floor(exp, reals, fakes, out.labels, ev.seed)}
         if name == "domain_fid":
             quality[name]["classifier_test_accuracy"] = ext.test_accuracy
     result: dict[str, Any] = {
@@ -294,6 +368,12 @@ def table(result: dict[str, Any]) -> str:
             scale = 1e3 if key == "kid" else 1.0
             vals = [q["per_client"][c][key] * scale for c in clients] + [q["pooled"][key] * scale]
             lines.append(f"{row:<10}" + "".join(f"{v:>14.3f}" for v in vals))
+        if "floor" in q["pooled"]:  # the same distance at half the held-out images, and real against real
+            for row, part in (("  half-set", "matched"), ("  floor", "floor")):
+                vals = [q["per_client"][c][part]["frechet"] for c in clients] + [q["pooled"][part]["frechet"]]
+                lines.append(f"{row:<10}" + "".join(f"{v:>14.3f}" for v in vals))
+            lines.append(f"  (half-set: {label} of the samples against half the held-out images at the other half's "
+                         f"count; floor: the two halves against each other, what a perfect model would read)")
         if q["pooled"]["small_sample"]:
             lines.append(f"  ({label}: fewer than {SMALL_SAMPLE_FACTOR} images per feature dimension, so the "
                          f"Frechet distance is biased upwards; compare only at equal counts and read KID beside it)")

@@ -21,10 +21,12 @@ import numpy as np
 
 from .. import config as config_mod
 from ..errors import CollafuseError, ConfigError
-from ..metrics.distances import METRIC_LABELS
+from .paired import MEASURES, Measure, Paired, choose_primary, crossfit_best, get, paired, seed_values
 from .runner import STUDY_OVERRIDES, parse_cuts, run_study_folder, runs_at_once
 
 QUICK_OVERRIDES = ["train.rounds=150", "eval.inception=\"off\"", "eval.n_per_client=64"]
+# where runs have no real floor (evaluated before it was recorded): the pooled domain FID of every sample
+WHOLE_SET = Measure("domain_fid_all", "domain FID (all samples, no floor)", "domain_fid", "frechet", whole=True)
 FEDAVG = "fedavg"
 
 # the baselines of a sweep: name -> what it is (README, Studies)
@@ -38,6 +40,8 @@ BASELINES = {
                  "every client's images; if it matches the split, the split's gain is capacity, not personalisation",
 }
 BUDGETS = ("rounds", "steps")
+# what the arms of one seed share (a sweep folder made before this was recorded used one data split throughout)
+PAIRING = "data split, initial weights and evaluation set per seed"
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ def plan(base: config_mod.Config, cuts: list[int], seeds: int, baselines: list[s
         for arm in arms(cuts, baselines, T):
             d = arm_config(base_dict, arm)
             d["run"]["seed"] = base.run.seed + seed
+            d["data"]["seed"] = base.data.seed + seed  # each seed its own split, shared by its arms (paired)
             if budget == "steps":
                 d["train"]["rounds"] = max(1, round(reference / steps_per_round(d, k)))
             if arm.kind == "finetune":
@@ -194,9 +199,9 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, baseli
         out = Path("runs") / f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "baselines": chosen, "budget": budget,
-            "finetune_rounds": finetune_rounds, "quick": quick}
-    run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "baselines", "budget", "finetune_rounds"),
-                     jobs, parallel, progress)
+            "finetune_rounds": finetune_rounds, "quick": quick, "pairing": PAIRING}
+    run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "baselines", "budget", "finetune_rounds",
+                                                "pairing"), jobs, parallel, progress)
     return out
 
 
@@ -223,16 +228,8 @@ def collect(sweep_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
     return meta, runs
 
 
-def _get(d: Any, path: str) -> Any:
-    for key in path.split("."):
-        if d is None:
-            return None
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
-
-
 def _agg(runs: list[dict], path: str) -> tuple[float, float, int]:
-    vals = [v for v in (_get(r, path) for r in runs) if isinstance(v, (int, float)) and not math.isnan(v)]
+    vals = [v for v in (get(r, path) for r in runs) if isinstance(v, (int, float)) and not math.isnan(v)]
     if not vals:
         return math.nan, math.nan, 0
     if any(math.isinf(v) for v in vals):
@@ -276,17 +273,34 @@ def summarise(meta: dict, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
                           "wall": "metrics.wall_seconds", "rounds": "metrics.rounds",
                           "upload_bytes": "metrics.upload.bytes_per_client_round",
                           "client_agreement": "eval.client_agreement.mean",
+                          # what real held-out images score: the agreement plots' ceiling
+                          "label_ceiling": "eval.label_agreement.classifier_test_accuracy",
+                          "client_ceiling": "eval.client_agreement.classifier_test_accuracy",
                           "networks": "metrics.train.budget.networks",
                           "optimiser_steps": "metrics.train.budget.optimiser_steps",
                           "images_seen": "metrics.train.budget.images_seen",
                           "training_flops": "metrics.train.budget.training_flops"}.items():
             row[key] = _agg(rs, path)
+        # the figures at matched counts beside their real floor (runs evaluated before the floor have none)
+        row["measures"] = {m.key: {"label": m.label, "scale": m.scale, "pooled": _agg(rs, m.path()),
+                                   "floor": _agg(rs, m.path("floor")),
+                                   "clients": {c: _agg(rs, m.path(client=c)) for c in clients},
+                                   "floor_clients": {c: _agg(rs, m.path("floor", c)) for c in clients}}
+                           for m in MEASURES if _agg(rs, m.path())[2]}
         n_img = first["n_per_client"] * len(clients)
         cs = row["client_seconds"][0] / n_img if n_img else math.nan
         row["client_seconds_per_image"] = cs
         row["ddim_steps"] = first["steps"]
         rows.append(row)
     return rows
+
+
+def ci95(v: tuple[float, float, int]) -> float:
+    """Half-width of the 95% t interval of a mean from (mean, sd, n); 0 for one value."""
+    from scipy import stats
+
+    _, sd, n = v
+    return float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 and math.isfinite(sd) else 0.0
 
 
 def fmt(v: tuple[float, float, int], digits: int = 2, pct: bool = False) -> str:
@@ -300,61 +314,139 @@ def fmt(v: tuple[float, float, int], digits: int = 2, pct: bool = False) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if n > 1 else "")
 
 
-def _beats(a: tuple, b: tuple) -> str:
-    """'beats' when mean a < mean b by more than the combined spread, 'ties' within it, else 'loses to'."""
-    diff = b[0] - a[0]
-    spread = math.hypot(a[1], b[1])
-    if diff > spread:
-        return "beats"
-    if diff < -spread:
-        return "loses to"
-    return "ties with"
+def small_cut(t_zeta: int, T: int) -> bool:
+    """The paper's 'small cut': 0 < t_zeta <= 20% of T."""
+    return 0 < t_zeta <= 0.2 * T
 
 
-def verdict(rows: list[dict], metric: str = "domain_fid") -> list[str]:
-    """Sentences, with the numbers, on the paper's two claims and on each baseline, for one metric (lower is
-    better)."""
-    cuts = [r for r in rows if r["kind"] == "cut" and not math.isnan(r[metric][0])]
-    if not cuts:
-        return []
-    T = cuts[0]["T"]
-    glob = next((r for r in cuts if r["t_zeta"] == 0), None)
-    alone = next((r for r in cuts if r["t_zeta"] == T), None)
-    others = [r for r in rows if r["kind"] not in ("cut", "two-stage") and not math.isnan(r[metric][0])]
-    mids = [r for r in cuts if 0 < r["t_zeta"] < T]
-    label = METRIC_LABELS[metric]
-    lines = []
-    if min(r[metric][2] for r in cuts) < 2:
-        lines.append(f"- One seed only: there is no spread to judge the differences in {label} by; run --seeds 3 "
-                     f"or more before drawing conclusions.")
-    small = [r for r in mids if r["t_zeta"] <= 0.2 * T]
-    if small and glob and alone:
-        best = min(small, key=lambda r: r[metric][0])
-        parts = [f"{_beats(best[metric], glob[metric])} one global model (t_zeta = 0: {fmt(glob[metric])})",
-                 f"{_beats(best[metric], alone[metric])} the clients alone (t_zeta = T: {fmt(alone[metric])})"]
-        parts += [f"{_beats(best[metric], r[metric])} {r['label']} ({fmt(r[metric])})" for r in others]
-        lines.append(f"- Small cut: the best cut at or below {int(0.2 * T)} is t_zeta = {best['t_zeta']} with {label} "
-                     f"{fmt(best[metric])} (picked on the same seeds, so its lead is flattered); it "
-                     + ", ".join(parts) + ".")
-        both = all(_beats(r[metric], glob[metric]) == "beats" and _beats(r[metric], alone[metric]) == "beats"
-                   for r in small)
-        any_both = [r["t_zeta"] for r in small if _beats(r[metric], glob[metric]) == "beats"
-                    and _beats(r[metric], alone[metric]) == "beats"]
-        lines.append("- Claim 'a small cut beats both baselines': "
-                     + ("holds for every cut <= 20% of T" if both else
-                        f"holds for t_zeta in {any_both}" if any_both else "does not hold")
-                     + f" on {label} (beyond the spread over seeds).")
-    large = [r for r in mids if r["t_zeta"] > 0.3 * T]
-    if small and large:
-        best = min(small, key=lambda r: r[metric][0])
-        worse = [r["t_zeta"] for r in large if _beats(best[metric], r[metric]) == "beats"]
-        lines.append(f"- Claim 'cuts above about 30% of T hurt': {len(worse)} of {len(large)} such cuts are worse than "
-                     f"t_zeta = {best['t_zeta']} beyond the spread ("
-                     + ", ".join(f"{r['t_zeta']}: {fmt(r[metric])}" for r in large) + ").")
-    for control in (r for r in rows if r["kind"] == "two-stage" and not math.isnan(r[metric][0])):
-        split = next((r for r in cuts if r["t_zeta"] == control["t_zeta"]), None)
-        if split is not None:
-            lines.append(f"- Personalisation: the split at t_zeta = {split['t_zeta']} ({fmt(split[metric])}) "
-                         f"{_beats(split[metric], control[metric])} the {control['label']} ({fmt(control[metric])}), "
-                         f"which has the same networks and cut but one low-noise model for every client.")
-    return lines
+def _cmp_row(name: str, a: str, b: str, p: Paired | None, measure: Measure, client: str | None) -> dict[str, Any]:
+    return {"a": a, "b": b, "measure": measure.key, "client": client, "what": name,
+            **({} if p is None else {"diff": p.diff, "lo": p.lo, "hi": p.hi, "se": p.se, "seeds": p.n,
+                                     "detectable": p.detectable, "verdict": p.verdict()})}
+
+
+def _cell(p: Paired | None, scale: float) -> str:
+    if p is None:
+        return "-"
+    word = {"beats": "**beats**", "loses to": "loses", "no difference detected with": "n.d."}[p.verdict()]
+    return f"{p.text(scale)} {word}"
+
+
+def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
+    """The verdict section of the report and its figures: the primary metric chosen by measurement
+    (:func:`collafuse.studies.paired.choose_primary`), then every comparison as a paired 95% interval over
+    seeds (lower is better; a negative difference favours the first arm). Every cut is reported; no cut is
+    picked."""
+    T = meta["config"]["split"]["T"]
+    all_arms = [a for a in sweep_arms(meta) if runs.get(a.setting)]
+    glob, alone = Arm("cut", 0).setting, Arm("cut", T).setting
+    primary = choose_primary(runs.get(alone))
+    m: Measure = primary["measure"] or WHOLE_SET
+    lines = ["## Verdict (paired over seeds)", "",
+             f"Primary metric: {primary['reason']}." if primary["measure"] else
+             f"Primary metric: {primary['reason']}; the verdicts use {m.label} instead.", ""]
+    if primary["candidates"]:
+        lines += ["| candidate | clients alone above the real floor | standard errors |", "|---|---|---|"]
+        scale = {x.key: x.scale for x in MEASURES}
+        lines += [f"| {c['label']} | {c['excess'] * scale[c['measure']]:.3f} ± {c['se'] * scale[c['measure']]:.3f} "
+                  f"| {c['z']:.1f} |" for c in primary["candidates"]] + [""]
+    clients = list(next(iter(runs.values()))[0]["eval"]["quality"]["domain_fid"]["per_client"])
+    comparisons: list[dict[str, Any]] = []
+
+    def cmp(a: str, b: str, client: str | None = None) -> Paired | None:
+        if a not in runs or b not in runs:
+            return None
+        p = paired(seed_values(runs[a], m.path(client=client)), seed_values(runs[b], m.path(client=client)))
+        comparisons.append(_cmp_row(f"{a} - {b}", a, b, p, m, client))
+        return p
+
+    seeds = min(len(runs[a.setting]) for a in all_arms)
+    if seeds < 2:
+        lines += ["- One seed only: no paired interval can be formed; run --seeds 5 or more before drawing "
+                  "conclusions.", ""]
+    cuts = [a for a in all_arms if a.kind == "cut"]
+    lines += [f"Differences in {m.label} (first arm minus second; negative: the first is better), mean and 95% "
+              f"interval over {seeds} paired seeds; **beats**: the interval lies below 0, loses: above it, n.d.: no "
+              f"difference detected.", "",
+              "| cut | against one global model (t_zeta = 0) | against the clients alone (t_zeta = T) |",
+              "|---|---|---|"]
+    vs_glob, vs_alone = {}, {}
+    for a in cuts:
+        if a.setting in (glob, alone):
+            continue
+        vs_glob[a.t_zeta], vs_alone[a.t_zeta] = cmp(a.setting, glob), cmp(a.setting, alone)
+        lines.append(f"| {a.t_zeta} | {_cell(vs_glob[a.t_zeta], m.scale)} | {_cell(vs_alone[a.t_zeta], m.scale)} |")
+    baselines = [a for a in all_arms if a.kind not in ("cut", "two-stage")]
+    small = [a for a in cuts if small_cut(a.t_zeta, T)]
+    against: dict[str, dict[int, Paired | None]] = {}
+    if baselines and small:
+        lines += ["", "Small cuts against the baselines:", "",
+                  "| cut | " + " | ".join(b.label(T) for b in baselines) + " |", "|---" * (len(baselines) + 1) + "|"]
+        for a in small:
+            cells = []
+            for b in baselines:
+                against.setdefault(b.label(T), {})[a.t_zeta] = p = cmp(a.setting, b.setting)
+                cells.append(_cell(p, m.scale))
+            lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if small and glob in runs and alone in runs:
+        both = [a.t_zeta for a in small if all(p is not None and p.verdict() == "beats"
+                                               for p in (vs_glob[a.t_zeta], vs_alone[a.t_zeta]))]
+        sizes = [p.detectable for a in small for p in (vs_glob[a.t_zeta], vs_alone[a.t_zeta]) if p is not None]
+        lines.append("- Claim 'a small cut beats both baselines' (one global model and the clients alone): "
+                     + (f"holds at t_zeta in {both}" if both else "not detected at any cut <= 20% of T")
+                     + f" on {m.label}" + (f"; the smallest differences this study could detect are "
+                                           f"{min(sizes) * m.scale:.3f} to {max(sizes) * m.scale:.3f}" if sizes
+                                           else "") + ".")
+    large = [a for a in cuts if a.t_zeta > 0.3 * T and a.setting != alone]
+    if large and glob in runs:
+        worse = [a.t_zeta for a in large if vs_glob[a.t_zeta] is not None and vs_glob[a.t_zeta].verdict() == "loses to"]
+        lines.append(f"- Claim 'cuts above about 30% of T hurt': {len(worse)} of {len(large)} such cuts lose to one "
+                     f"global model" + (f" ({worse})" if worse else "") + ".")
+    for label, res in against.items():
+        wins = [t for t, p in res.items() if p is not None and p.verdict() == "beats"]
+        losses = [t for t, p in res.items() if p is not None and p.verdict() == "loses to"]
+        lines.append(f"- Against {label}: small cuts that beat it: {wins or 'none'}; that lose to it: "
+                     f"{losses or 'none'}.")
+    best: dict[str, Any] = {}
+    if small:
+        cut_values = {a.t_zeta: seed_values(runs[a.setting], m.path()) for a in small}
+        for b in [a for a in cuts if a.setting in (glob, alone)] + baselines:
+            res = crossfit_best(cut_values, seed_values(runs[b.setting], m.path()))
+            if res is not None:
+                p = res["paired"]
+                name = {glob: "one global model", alone: "the clients alone"}.get(b.setting, b.label(T))
+                best[name] = {"most_often": res["most_often"], "picked": res["picked"], "diff": p.diff,
+                                    "lo": p.lo, "hi": p.hi, "se": p.se, "seeds": p.n, "detectable": p.detectable,
+                                    "verdict": p.verdict()}
+        if best:
+            first = next(iter(best.values()))
+            lines.append(f"- The best small cut, picked for each seed on the other seeds (so its lead is not "
+                         f"flattered by the pick; t_zeta = {first['most_often']} most often): "
+                         + "; ".join(f"{v['verdict']} {label} ({v['diff'] * m.scale:+.3f} "
+                                     f"[{v['lo'] * m.scale:+.3f}, {v['hi'] * m.scale:+.3f}])"
+                                     for label, v in best.items()) + ".")
+    for control in (a for a in all_arms if a.kind == "two-stage"):
+        split = Arm("cut", control.t_zeta).setting
+        p = cmp(split, control.setting)
+        if p is not None:
+            lines.append(f"- Personalisation: the split at t_zeta = {control.t_zeta} ({m.label} "
+                         f"{_cell(p, m.scale)} against it) {p.verdict()} the {control.label(T)}, which has the same "
+                         f"networks and cut but one low-noise model for every client.")
+    if clients and small and glob in runs and alone in runs:
+        lines += ["", f"Per client ({m.label} of each client's samples against its own held-out images), small cuts "
+                  f"against one global model / against the clients alone:", "",
+                  "| cut | " + " | ".join(f"client {c}" for c in clients) + " |", "|---" * (len(clients) + 1) + "|"]
+        for a in small:
+            cells = [f"{_cell(cmp(a.setting, glob, c), m.scale)} / {_cell(cmp(a.setting, alone, c), m.scale)}"
+                     for c in clients]
+            lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
+    lines.append("")
+    curve = next((r["eval"]["distinguishability"] for rs in runs.values() for r in rs
+                  if r["eval"].get("distinguishability")), None)
+    return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
+                   "measure_label": m.label, "scale": m.scale, "reason": primary["reason"],
+                   "candidates": primary["candidates"], "comparisons": comparisons, "best_small_cut": best,
+                   "distinguishability": None if curve is None else {
+                       k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",
+                                                 "given_label")}}

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..files import write_text_atomic
 from ..metrics.distances import METRIC_LABELS
-from .cuts import BASELINES, collect, fmt, summarise, sweep_arms, verdict
+from .cuts import BASELINES, ci95, collect, fmt, paired_verdict, summarise, sweep_arms
 
 
 def _sci(v: tuple[float, float, int]) -> str:
@@ -40,10 +40,21 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     x = np.array([r["t_zeta"] for r in cuts])
     names = []
 
-    def band(ax: Any, key: str, scale: float = 1.0) -> None:
-        """Each baseline as a line with its spread over seeds (the two-stage control as a point at its cut)."""
+    T = cuts[0]["T"]
+
+    def cut_axis(ax: Any) -> None:
+        """t_zeta on a scale that is linear up to T/40 and logarithmic above, so 0, 25, 50, 100 stay apart."""
+        ax.set_xscale("symlog", linthresh=max(1.0, T / 40))
+        ax.set_xticks(x, [str(int(t)) for t in x], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("t_zeta (client's steps; linear to T/40, logarithmic above)")
+
+    def band(ax: Any, key: str | None, scale: float = 1.0, get=None) -> None:
+        """Each baseline as a line with its 95% interval over seeds (the two-stage control as a point at its
+        cut)."""
         for r in baselines:
-            m, s, _ = (v * scale for v in r[key])
+            v = get(r) if get is not None else r[key]
+            m, s = v[0] * scale, ci95(v) * scale
             if math.isnan(m):
                 continue
             colour = BASELINE_COLOURS[r["kind"]]
@@ -57,16 +68,18 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     metrics = [k for k in METRIC_LABELS if k in cuts[0]]
     titles = {k: f"{METRIC_LABELS[k]} ({v})" for k, v in
               {"domain_fid": "small classifier features", "fid": "Inception-v3", "fcd": "CLIP"}.items()}
+    # (these panels: every sample against every held-out image; the same at matched counts, with the real
+    # floor, is floor.png)
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(5 * (len(metrics) + 1), 4), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=False):
         m = np.array([r[metric][0] for r in cuts])
-        s = np.array([r[metric][1] for r in cuts])
+        s = np.array([ci95(r[metric]) for r in cuts])
         for c in cuts[0]["clients"]:
             ax.plot(x, [r[f"{metric}_client_{c}"][0] for r in cuts], lw=0.8, alpha=0.6, marker=".",
                     label=f"client {c}")
-        ax.errorbar(x, m, yerr=s, color="black", marker="o", capsize=3, label="pooled (mean ± sd over seeds)")
+        ax.errorbar(x, m, yerr=s, color="black", marker="o", capsize=3, label="pooled (mean, 95% interval)")
         band(ax, metric)
-        ax.set_xlabel("t_zeta (client's steps)")
+        cut_axis(ax)
         ax.set_ylabel("lower is better")
         ax.set_title(titles[metric])
         ax.grid(alpha=0.3)
@@ -75,11 +88,15 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
                                                                             "client agreement")):
         if all(math.isnan(r[key][0]) for r in cuts):
             continue
-        ax.errorbar(x, [100 * r[key][0] for r in cuts], yerr=[100 * r[key][1] for r in cuts], marker=marker,
+        ax.errorbar(x, [100 * r[key][0] for r in cuts], yerr=[100 * ci95(r[key]) for r in cuts], marker=marker,
                     capsize=3, color="black", ls="-" if marker == "o" else ":", label=f"{what} (cuts)")
+        ceiling = [r[key.replace("agreement", "ceiling")][0] for r in cuts]
+        if not all(math.isnan(c) for c in ceiling):  # real held-out images through the same classifier
+            ax.axhline(100 * np.nanmean(ceiling), color="gray", ls="-" if marker == "o" else ":", lw=1.5,
+                       label=f"{what} of real held-out images")
     band(ax, "client_agreement" if any(not math.isnan(r["client_agreement"][0]) for r in cuts)
          else "label_agreement", 100.0)  # the baselines: their client agreement (label agreement where none)
-    ax.set_xlabel("t_zeta (client's steps)")
+    cut_axis(ax)
     ax.set_ylabel("% of samples")
     ax.set_title("agreement (higher is better)")
     ax.grid(alpha=0.3)
@@ -88,8 +105,37 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     save_figure(fig, out / "quality.png")
     names.append("quality.png")
 
+    measured = [k for k in cuts[0].get("measures", {}) if all(k in r.get("measures", {}) for r in cuts)]
+    if measured:  # each figure at matched counts, per client and pooled, with the real floor drawn
+        fig, axes = plt.subplots(1, len(measured), figsize=(5.5 * len(measured), 4.2), dpi=110, squeeze=False)
+        for ax, key in zip(axes[0], measured, strict=True):
+            first = cuts[0]["measures"][key]
+            sc = first["scale"]
+            for i, c in enumerate(cuts[0]["clients"]):
+                colour = f"C{i}"
+                ax.plot(x, [sc * r["measures"][key]["clients"][c][0] for r in cuts], lw=0.8, alpha=0.7, marker=".",
+                        color=colour, label=f"client {c}")
+                ax.axhline(sc * np.mean([r["measures"][key]["floor_clients"][c][0] for r in cuts]), color=colour,
+                           lw=0.8, ls=":", alpha=0.7)
+            ax.errorbar(x, [sc * r["measures"][key]["pooled"][0] for r in cuts],
+                        yerr=[sc * ci95(r["measures"][key]["pooled"]) for r in cuts], color="black", marker="o",
+                        capsize=3, label="pooled (mean, 95% interval)")
+            floor = cuts[0]["measures"][key]["floor"]
+            fm = sc * np.mean([r["measures"][key]["floor"][0] for r in cuts])
+            ax.axhline(fm, color="gray", ls=":", lw=1.5, label="real floor (halves of the held-out images; "
+                                                                "dotted per client)")
+            ax.axhspan(fm - sc * ci95(floor), fm + sc * ci95(floor), color="gray", alpha=0.15)
+            band(ax, None, sc, get=lambda r, key=key: r.get("measures", {}).get(key, {}).get(
+                "pooled", (math.nan, math.nan, 0)))
+            cut_axis(ax)
+            ax.set_ylabel("lower is better")
+            ax.set_title(f"{first['label']} at matched counts", fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        save_figure(fig, out / "floor.png")
+        names.append("floor.png")
+
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    T = cuts[0]["T"]
     ax.plot(x, [r["client_share"][0] * 100 for r in cuts], marker="o", label="client's share of network evaluations")
     ax.plot(x, [100 * r["client_seconds"][0] / max(1e-9, r["client_seconds"][0] + r["server_seconds"][0])
                 for r in cuts], marker="s", label="client's share of sampling seconds (measured)")
@@ -221,9 +267,14 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
               "|---" * (len(rows[0]["clients"]) + 1) + "|"]
     for r in rows:
         lines.append(f"| {_label(r)} | " + " | ".join(fmt(r[f"domain_fid_client_{c}"]) for c in r["clients"]) + " |")
-    lines += ["", "![quality](plots/quality.png)", "", "## Verdict on the paper's findings", ""]
-    for m in metrics:
-        lines += verdict(rows, m)
+    lines += ["", "![quality](plots/quality.png)", ""]
+    if "floor.png" in plots:
+        lines += ["Each figure at matched counts (the samples against one half of each client's held-out images, at "
+                  "the other half's count) beside the real floor (the two halves against each other: what a model "
+                  "as good as fresh real images would read); 95% intervals over seeds:", "",
+                  "![floor](plots/floor.png)", ""]
+    verdict_lines, verdict_summary = paired_verdict(meta, runs)
+    lines += verdict_lines
     lines += ["", "## Client compute and communication", "",
               "| arm | client share of network evaluations | client sampling seconds per image | "
               "bytes a client sends per round |", "|---|---|---|---|"]
@@ -290,5 +341,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines))
-    write_text_atomic(out / "summary.json", json.dumps(rows, indent=1, default=str))
+    summary = {"pairing": meta.get("pairing", "one data split for every seed (made before pairing was recorded)"),
+               "seeds": meta["seeds"], "arms": rows, "verdict": verdict_summary}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return path

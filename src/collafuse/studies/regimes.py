@@ -1,0 +1,72 @@
+"""The table of docs/results/README.md: one row per regime, every figure read from that regime's summary.json.
+
+    python -m collafuse.studies.regimes docs/results/r1-digits-conditional docs/results/r2-digits-unconditional
+
+A row: the noise level from which the server cannot tell the clients apart (the distinguishability curve), the
+best small cut (picked for each seed on the other seeds; the one picked most often), and against each baseline
+whether it beats it, loses to it or shows no difference, with the paired 95% interval of the primary metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import CollafuseError
+
+BASELINE_ORDER = ("one global model", "the clients alone", "FedAvg", "FedAvg + local fine-tuning",
+                  "global model told the client")
+WORD = {"beats": "beats", "loses to": "loses", "no difference detected with": "n.d."}
+
+
+def _transition(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if d.get("label_names_client"):
+        return "never (the label names the client)"
+    t = d.get("indistinguishable_from")
+    return "above chance at every t" if t is None else f"{t}"
+
+
+def table(folders: list[Path]) -> str:
+    """The Markdown table of the regimes whose report folders (with summary.json) are given."""
+    rows = []
+    for folder in folders:
+        path = Path(folder) / "summary.json"
+        if not path.exists():
+            raise CollafuseError(f"{folder} has no summary.json; make it with 'collafuse report SWEEP --out {folder}'")
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict) or "verdict" not in summary:
+            raise CollafuseError(f"{path} was written before the paired verdict; rerun 'collafuse report' on its sweep")
+        v = summary["verdict"]
+        best = v.get("best_small_cut") or {}
+        scale = v.get("scale", 1.0)
+        cells = []
+        for name in BASELINE_ORDER:
+            b = best.get(name)
+            cells.append("-" if b is None else f"{WORD[b['verdict']]} {b['diff'] * scale:+.2f} "
+                                                f"[{b['lo'] * scale:+.2f}, {b['hi'] * scale:+.2f}]")
+        most = next(iter(best.values()))["most_often"] if best else "-"
+        rows.append(f"| {Path(folder).name} | {v.get('measure_label', '-')} | {summary.get('seeds', '-')} | "
+                    f"{_transition(v.get('distinguishability'))} | {most} | " + " | ".join(cells) + " |")
+    head = ("| regime | primary metric | seeds | clients indistinguishable from t | best small cut | "
+            + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
+    return "\n".join([head, "|---" * (5 + len(BASELINE_ORDER)) + "|", *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m collafuse.studies.regimes", description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path, help="report folders, each with its summary.json")
+    args = p.parse_args(argv)
+    try:
+        print(table(args.folders))
+    except CollafuseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The statistics of a study: paired intervals over seeds, the real floor, and the choice of the primary metric."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collafuse.metrics.evaluate import floor_compare, halves
+from collafuse.studies.paired import SEPARATION, choose_primary, paired
+from support import Z
+
+# textbook quantiles of Student's t with 4 degrees of freedom
+T975_4, T80_4 = 2.7764451, 0.9409646
+
+
+def test_the_paired_interval_by_hand() -> None:
+    a = {f"seed_{i}": 10.0 + d for i, d in enumerate([1, 2, 3, 4, 5])}
+    b = {f"seed_{i}": 10.0 for i in range(6)}  # seed_5 has no partner: left out
+    p = paired(a, b)
+    se = math.sqrt(2.5) / math.sqrt(5)
+    assert p.n == 5 and p.diff == pytest.approx(3.0) and p.se == pytest.approx(se)
+    assert (p.lo, p.hi) == pytest.approx((3 - T975_4 * se, 3 + T975_4 * se))
+    assert p.detectable == pytest.approx((T975_4 + T80_4) * se)
+    assert p.verdict() == "loses to" and p.verdict(higher_is_better=True) == "beats"
+    flipped = paired(b, a)
+    assert flipped.verdict() == "beats" and flipped.diff == pytest.approx(-3.0)
+    assert paired({"seed_0": 1.0}, {"seed_0": 2.0}) is None  # one seed: no interval
+
+
+def test_the_interval_covers_a_null_difference_95_times_in_100() -> None:
+    """Two arms with no true difference, a seed effect shared by both (what pairing removes) and 5 seeds: the
+    interval covers 0 in a share of the repetitions within Z binomial standard errors of 95%; and an unpaired
+    spread rule would be swamped by the seed effect that pairing removes."""
+    rng = np.random.default_rng(0)
+    reps, covered = 2000, 0
+    for _ in range(reps):
+        seed_effect = rng.normal(0, 5, 5)
+        a = {f"s{i}": seed_effect[i] + rng.normal(0, 1) for i in range(5)}
+        b = {f"s{i}": seed_effect[i] + rng.normal(0, 1) for i in range(5)}
+        p = paired(a, b)
+        covered += p.lo <= 0 <= p.hi
+    assert abs(covered / reps - 0.95) <= Z * math.sqrt(0.95 * 0.05 / reps), covered / reps
+
+
+def test_a_real_shift_is_found_where_the_seed_effect_hides_it_from_unpaired_means() -> None:
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 5, 5)
+    a = {f"s{i}": seed_effect[i] + rng.normal(0, 0.2) for i in range(5)}
+    b = {f"s{i}": seed_effect[i] + 1.0 + rng.normal(0, 0.2) for i in range(5)}
+    assert paired(a, b).verdict() == "beats"
+    unpaired_sd = math.hypot(np.std(list(a.values()), ddof=1), np.std(list(b.values()), ddof=1))
+    assert 1.0 < unpaired_sd  # the old rule (means apart by more than the combined sd) would call this a tie
+
+
+def test_halves_keep_every_class_in_proportion() -> None:
+    strata = np.repeat(np.arange(4), [10, 7, 1, 30])
+    a, b = halves(strata, seed=3)
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(len(strata)))
+    for label in range(4):
+        na, nb = (strata[a] == label).sum(), (strata[b] == label).sum()
+        assert abs(na - nb) <= 1
+    assert abs(len(a) - len(b)) <= 1
+
+
+def _balanced(rng: np.random.Generator, centers: np.ndarray, n: int, shift: float = 0.0):
+    labels = np.arange(n) % len(centers)  # fixed counts per class, as a held-out split and labelled samples have
+    return centers[labels] + shift + rng.normal(0, 1, (n, centers.shape[1])), labels
+
+
+def test_a_perfect_model_reads_the_floor_on_every_metric() -> None:
+    """Samples drawn from the real distribution itself, at fixed counts per class like a class-conditional
+    model's: over repetitions, the samples' figures at matched counts minus the floor average zero within Z
+    standard errors, for the Frechet distance (whose count-dependent bias would otherwise show) and for KID;
+    a model with a small shift reads above the floor by far more."""
+    rng = np.random.default_rng(2)
+    centers = rng.normal(0, 2, (3, 6))
+    excess: dict[str, list[float]] = {"frechet": [], "kid": []}
+    shifted: dict[str, list[float]] = {"frechet": [], "kid": []}
+    for _ in range(60):
+        real, sr = _balanced(rng, centers, 120)
+        fake, sf = _balanced(rng, centers, 240)
+        bad, sb = _balanced(rng, centers, 240, shift=0.5)
+        out = floor_compare(real, fake, sr, sf, seed=int(rng.integers(1 << 30)), splits=2)
+        worse = floor_compare(real, bad, sr, sb, seed=int(rng.integers(1 << 30)), splits=2)
+        assert out["n_compared"] == 60 and out["chunks"] == 4 and out["n_reference"] == 60
+        for k in excess:
+            excess[k].append(out["matched"][k] - out["floor"][k])
+            shifted[k].append(worse["matched"][k] - worse["floor"][k])
+    for k, v in excess.items():
+        se = np.std(v, ddof=1) / np.sqrt(len(v))
+        assert abs(np.mean(v)) <= Z * se, f"{k}: {np.mean(v):.4f} +- {se:.4f}"
+        se_s = np.std(shifted[k], ddof=1) / np.sqrt(len(shifted[k]))
+        assert np.mean(shifted[k]) > 10 * max(se, se_s), k
+
+
+def _run(seed: int, matched: dict[str, float], floor: dict[str, float]) -> dict:
+    """A run's record as studies.cuts.collect makes it, with only the figures the primary metric reads."""
+    quality = {"domain_fid": {"pooled": {"matched": {"kid": matched["kid"], "frechet": matched["frechet"]},
+                                         "floor": {"kid": floor["kid"], "frechet": floor["frechet"]}}}}
+    return {"eval": {"quality": quality}, "metrics": {}, "dir": Path(f"seed_{seed}")}
+
+
+def test_the_primary_metric_is_the_first_that_separates_the_lone_arm_from_the_floor() -> None:
+    rng = np.random.default_rng(5)
+    floor = {"kid": 0.0, "frechet": 1.0}
+    # KID far above its floor with a small spread: chosen
+    clear = [_run(s, {"kid": 0.05 + rng.normal(0, 0.005), "frechet": 1.2 + rng.normal(0, 0.3)}, floor)
+             for s in range(5)]
+    out = choose_primary(clear)
+    assert out["measure"].key == "domain_kid" and out["candidates"][0]["z"] >= SEPARATION
+    # KID at its floor, domain FID above it: the FID is chosen, and the table keeps both
+    fid_only = [_run(s, {"kid": rng.normal(0, 0.01), "frechet": 2.0 + rng.normal(0, 0.05)}, floor) for s in range(5)]
+    out = choose_primary(fid_only)
+    assert out["measure"].key == "domain_fid" and [c["measure"] for c in out["candidates"]] == ["domain_kid",
+                                                                                                 "domain_fid"]
+    # nothing separates: the best is used, and the reason says it cannot be trusted
+    none = [_run(s, {"kid": rng.normal(0, 0.01), "frechet": 1.0 + rng.normal(0, 0.5)}, floor) for s in range(5)]
+    out = choose_primary(none)
+    assert out["measure"] is not None and "cannot be trusted" in out["reason"]
+    # no floor recorded (old runs), or one seed: no choice
+    assert choose_primary([_run(0, {"kid": 1.0, "frechet": 1.0}, floor)])["measure"] is None
+    assert choose_primary(None)["measure"] is None
+
+
+def test_the_best_arm_is_scored_on_seeds_it_was_not_picked_on() -> None:
+    """Ten arms with no true difference from the baseline: picking the best on the same seeds finds a 'winner'
+    in far more than 5% of repetitions (the winner's curse); leaving the scored seed out keeps the false
+    positive rate of the one-sided claim 'beats' within Z binomial standard errors of 2.5%."""
+    from collafuse.studies.paired import crossfit_best
+
+    rng = np.random.default_rng(7)
+    reps, naive, fair = 600, 0, 0
+    for _ in range(reps):
+        seeds = [f"s{i}" for i in range(5)]
+        base = {s: float(rng.normal()) for s in seeds}
+        arms = {a: {s: float(rng.normal()) for s in seeds} for a in range(10)}
+        best = min(arms, key=lambda a: np.mean(list(arms[a].values())))
+        naive += paired(arms[best], base).verdict() == "beats"
+        out = crossfit_best(arms, base)
+        fair += out["paired"].verdict() == "beats"
+        assert sum(out["counts"].values()) == 5 and out["most_often"] in arms
+    assert naive / reps > 0.025 + 5 * math.sqrt(0.025 * 0.975 / reps)  # the curse is real at this size
+    assert fair / reps <= 0.025 + Z * math.sqrt(0.025 * 0.975 / reps), fair / reps
+    assert crossfit_best({0: {"a": 1.0, "b": 2.0}}, {"a": 0.0, "b": 0.0}) is None
+
+
+def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path) -> None:
+    import json
+
+    from collafuse.errors import CollafuseError
+    from collafuse.studies.regimes import table
+
+    best = {"one global model": {"most_often": 50, "diff": -0.0021, "lo": -0.0035, "hi": -0.0007,
+                                 "verdict": "beats"},
+            "FedAvg": {"most_often": 50, "diff": 0.0004, "lo": -0.001, "hi": 0.0018,
+                       "verdict": "no difference detected with"}}
+    verdict = {"measure_label": "domain KID x1e3", "scale": 1e3, "best_small_cut": best,
+               "distinguishability": {"label_names_client": False, "indistinguishable_from": 750}}
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": [], "verdict": verdict}))
+    row = table([tmp_path / "r2"]).splitlines()[2]
+    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 50 | beats -2.10 [-3.50, -0.70] | - | n.d. +0.40")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text("[]")  # a summary written before the paired verdict
+    with pytest.raises(CollafuseError, match="before the paired verdict"):
+        table([tmp_path / "old"])
