@@ -27,7 +27,7 @@ def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-@pytest.mark.parametrize("n,d", [(500, 8), (300, 32), (40, 64)])  # the last is rank-deficient: n < d
+@pytest.mark.parametrize("n,d", [(500, 8), (300, 32), (40, 64), (60, 300)])  # the last two: n < d (low rank)
 def test_frechet_matches_scipy_sqrtm(n: int, d: int) -> None:
     rng = np.random.default_rng(d)
     a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
