@@ -430,9 +430,9 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
         split = Arm("cut", control.t_zeta).setting
         p = cmp(split, control.setting)
         if p is not None:
-            lines.append(f"- Personalisation: the split at t_zeta = {control.t_zeta} ({m.label} "
-                         f"{_cell(p, m.scale)} against it) {p.verdict()} the {control.label(T)}, which has the same "
-                         f"networks and cut but one low-noise model for every client.")
+            lines.append(f"- Personalisation: the split at t_zeta = {control.t_zeta} {p.verdict()} the "
+                         f"{control.label(T)} ({m.label} difference {p.text(m.scale)}), which has the same networks "
+                         f"and cut but one low-noise model for every client.")
     if clients and small and glob in runs and alone in runs:
         lines += ["", f"Per client ({m.label} of each client's samples against its own held-out images), small cuts "
                   f"against one global model / against the clients alone:", "",

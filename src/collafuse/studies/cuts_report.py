@@ -214,6 +214,47 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     return names
 
 
+def _paired_plot(summary: dict, meta: dict, out: Path) -> bool:
+    """Each cut minus one global model and minus the clients alone (pooled primary metric), paired 95% intervals
+    over seeds: an interval wholly below zero is a win for the cut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import save_figure
+
+    T = meta["config"]["split"]["T"]
+    series = {}
+    for c in summary["comparisons"]:
+        if c["client"] is None and "diff" in c and c["a"].startswith("cut_") and c["b"] in ("cut_0000",
+                                                                                           f"cut_{T:04d}"):
+            series.setdefault(c["b"], []).append((int(c["a"][4:]), c["diff"], c["lo"], c["hi"]))
+    if not series:
+        return False
+    sc = summary["scale"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for k, (b, pts) in enumerate(sorted(series.items())):
+        pts.sort()
+        x = np.array([p[0] for p in pts], dtype=float) * (1 + 0.04 * (2 * k - 1))  # side by side
+        d = np.array([p[1] for p in pts]) * sc
+        err = np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]) * sc
+        label = "cut minus one global model" if b == "cut_0000" else "cut minus the clients alone"
+        ax.errorbar(x, d, yerr=err, marker="o", capsize=3, ls="-", label=label)
+    ax.axhline(0, color="black", lw=1)
+    ax.set_xscale("symlog", linthresh=max(1.0, T / 40))
+    cuts = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(cuts, [str(c) for c in cuts], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("t_zeta (linear to T/40, logarithmic above)")
+    ax.set_ylabel(f"difference in {summary['measure_label']} (below 0: the cut is better)")
+    ax.set_title("paired differences over seeds, 95% intervals", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "paired.png")
+    return True
+
+
 # every run of a sweep takes its upload noise from the config (studies.cuts.plan)
 NOISE_LINE = ("Upload noise: reproducible from the config (the study plays every party on one machine, and a rerun "
               "gives the same figures); it says nothing about privacy, which this study does not measure.")
@@ -275,6 +316,8 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
                   "![floor](plots/floor.png)", ""]
     verdict_lines, verdict_summary = paired_verdict(meta, runs)
     lines += verdict_lines
+    if _paired_plot(verdict_summary, meta, out / "plots"):
+        lines += ["![paired differences](plots/paired.png)", ""]
     lines += ["", "## Client compute and communication", "",
               "| arm | client share of network evaluations | client sampling seconds per image | "
               "bytes a client sends per round |", "|---|---|---|---|"]
