@@ -158,11 +158,13 @@ def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path)
             "FedAvg": {"most_often": 50, "diff": 0.0004, "lo": -0.001, "hi": 0.0018,
                        "verdict": "no difference detected with"}}
     verdict = {"measure_label": "domain KID x1e3", "scale": 1e3, "best_small_cut": best,
+               "best_cut": {"most_often": 500, "counts": {"500": 4, "50": 1}},  # JSON keys are strings
                "distinguishability": {"label_names_client": False, "indistinguishable_from": 750}}
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": [], "verdict": verdict}))
     row = table([tmp_path / "r2"]).splitlines()[2]
-    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 50 | beats -2.10 [-3.50, -0.70] | - | n.d. +0.40")
+    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 500 (4 of 5) | 50 | beats -2.10 [-3.50, -0.70] | - | "
+                          "n.d. +0.40")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text("[]")  # a summary written before the paired verdict
     with pytest.raises(CollafuseError, match="before the paired verdict"):

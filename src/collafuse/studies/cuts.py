@@ -426,6 +426,13 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                          + "; ".join(f"{v['verdict']} {label} ({v['diff'] * m.scale:+.3f} "
                                      f"[{v['lo'] * m.scale:+.3f}, {v['hi'] * m.scale:+.3f}])"
                                      for label, v in best.items()) + ".")
+    overall = crossfit_best({a.t_zeta: seed_values(runs[a.setting], m.path()) for a in cuts},
+                            seed_values(runs[glob], m.path())) if glob in runs and len(cuts) > 1 else None
+    if overall is not None:  # the curve's minimum, for the question of where the best cut lies
+        lines.append(f"- The best cut of all, picked for each seed on the other seeds: t_zeta = "
+                     f"{overall['most_often']} ({overall['counts'][overall['most_often']]} of "
+                     f"{len(overall['picked'])} picks; "
+                     + ", ".join(f"{t}: {n}" for t, n in sorted(overall["counts"].items()) if n) + ").")
     for control in (a for a in all_arms if a.kind == "two-stage"):
         split = Arm("cut", control.t_zeta).setting
         p = cmp(split, control.setting)
@@ -447,6 +454,8 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
     return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
                    "measure_label": m.label, "scale": m.scale, "reason": primary["reason"],
                    "candidates": primary["candidates"], "comparisons": comparisons, "best_small_cut": best,
+                   "best_cut": None if overall is None else {"most_often": overall["most_often"],
+                                                              "counts": overall["counts"]},
                    "distinguishability": None if curve is None else {
                        k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",
                                                  "given_label")}}

@@ -3,7 +3,7 @@
     python -m collafuse.studies.regimes docs/results/r1-digits-conditional docs/results/r2-digits-unconditional
 
 A row: the noise level from which the server cannot tell the clients apart (the distinguishability curve), the
-best small cut (picked for each seed on the other seeds; the one picked most often), and against each baseline
+best cut of all and the best small cut (picked for each seed on the other seeds; the one picked most often), and against each baseline
 whether it beats it, loses to it or shows no difference, with the paired 95% interval of the primary metric.
 """
 
@@ -49,11 +49,14 @@ def table(folders: list[Path]) -> str:
             cells.append("-" if b is None else f"{WORD[b['verdict']]} {b['diff'] * scale:+.2f} "
                                                 f"[{b['lo'] * scale:+.2f}, {b['hi'] * scale:+.2f}]")
         most = next(iter(best.values()))["most_often"] if best else "-"
+        overall = v.get("best_cut")
+        picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
+                                         f" of {sum(overall['counts'].values())})")
         rows.append(f"| {Path(folder).name} | {v.get('measure_label', '-')} | {summary.get('seeds', '-')} | "
-                    f"{_transition(v.get('distinguishability'))} | {most} | " + " | ".join(cells) + " |")
-    head = ("| regime | primary metric | seeds | clients indistinguishable from t | best small cut | "
-            + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
-    return "\n".join([head, "|---" * (5 + len(BASELINE_ORDER)) + "|", *rows])
+                    f"{_transition(v.get('distinguishability'))} | {picks} | {most} | " + " | ".join(cells) + " |")
+    head = ("| regime | primary metric | seeds | clients indistinguishable from t | best cut of all (picks) | "
+            "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
+    return "\n".join([head, "|---" * (6 + len(BASELINE_ORDER)) + "|", *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
