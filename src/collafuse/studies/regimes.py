@@ -3,8 +3,9 @@
     python -m collafuse.studies.regimes docs/results/r1-digits-conditional docs/results/r2-digits-unconditional
 
 A row: the noise level from which the server cannot tell the clients apart (the distinguishability curve), the
-best cut of all and the best small cut (picked for each seed on the other seeds; the one picked most often), and against each baseline
-whether it beats it, loses to it or shows no difference, with the paired 95% interval of the primary metric.
+best cut of all and the best small cut (picked for each seed on the other seeds; the one picked most often),
+and against each baseline whether the best small cut beats it, loses to it or shows no difference, with the
+paired 95% interval of the primary metric.
 """
 
 from __future__ import annotations
