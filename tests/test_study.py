@@ -76,7 +76,7 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
         assert f"plots/{png}" in text
     assert "Claim 'a small cut beats both baselines'" in text and "FedAvg + local fine-tuning" in text
     assert "| global model told the client |" in text and "| two-stage control at 10 |" in text
-    assert "- Personalisation: the split at t_zeta = 10 (" in text
+    assert "- Personalisation: the split at t_zeta = 10 " in text and "the two-stage control at 10 (domain" in text
     # the verdict: a primary metric chosen against the real floor, and paired intervals over the 2 seeds
     summary = json.loads((sweep_dir / "summary.json").read_text())
     v = summary["verdict"]
