@@ -105,7 +105,8 @@ def floor_compare(real: np.ndarray, fake: np.ndarray, strata_real: np.ndarray, s
     so both use the same reference and the same counts, and a Frechet distance's count-dependent bias is the
     same in both: a model as good as fresh real images reads the floor, on every metric
     (``tests/test_paired.py``), if its samples hold each class in the held-out proportions (labels asked for in
-    turn). Unlabelled samples vary in their class counts and read above the Frechet floor even when perfect. Both figures are averaged over ``splits`` random half-splits, since with a
+    turn). Unlabelled samples vary in their class counts and read above the Frechet floor even when perfect.
+    Both figures are averaged over ``splits`` random half-splits, since with a
     hundred held-out images one split's floor swings by as much as the differences between arms."""
     return _floor({"": (real, fake, strata_real, strata_fake)}, seed, splits)
 
