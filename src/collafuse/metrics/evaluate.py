@@ -104,9 +104,11 @@ def floor_compare(real: np.ndarray, fake: np.ndarray, strata_real: np.ndarray, s
     are measured against R at H's image count, in disjoint chunks of that size (as many as the samples fill),
     so both use the same reference and the same counts, and a Frechet distance's count-dependent bias is the
     same in both: a model as good as fresh real images reads the floor, on every metric
-    (``tests/test_paired.py``), if its samples hold each class in the held-out proportions (labels asked for in
-    turn). Unlabelled samples vary in their class counts and read above the Frechet floor even when perfect.
-    Both figures are averaged over ``splits`` random half-splits, since with a
+    (``tests/test_paired.py``). Where the samples were asked for their labels in turn (``strata_fake``), the
+    halves are dealt class by class, as the samples hold each class in the held-out proportions; unlabelled
+    samples vary in their class counts as independent draws do, so the halves are then dealt at random, whose
+    counts vary the same way (R against H and a perfect model's samples against R both differ by two halves'
+    worth of class-count noise). Both figures are averaged over ``splits`` random half-splits, since with a
     hundred held-out images one split's floor swings by as much as the differences between arms."""
     return _floor({"": (real, fake, strata_real, strata_fake)}, seed, splits)
 
@@ -117,7 +119,10 @@ def _floor(parts: dict[Any, tuple], seed: int, splits: int) -> dict[str, Any]:
     floors, matched = [], []
     for k in range(splits):
         ref, ref_s, half, half_s, chunks = [], [], [], [], []
-        for real, fake, s_real, s_fake in parts.values():
+        for part, (real, fake, s_real, s_fake) in enumerate(parts.values()):
+            if s_fake is None:  # unlabelled: halves at random, one stratum per part (each part's count is fixed)
+                s_real = np.full(len(real), -1 - part)
+                s_fake = None if len(parts) == 1 else np.full(len(fake), -1 - part)
             ia, ib = halves(s_real, seed + 7919 * k)
             n = min(len(ib), len(fake))
             ib = ib[:n]
