@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,14 +186,56 @@ def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path)
             "FedAvg": {"most_often": 50, "diff": 0.0004, "lo": -0.001, "hi": 0.0018,
                        "verdict": "no difference detected with"}}
     verdict = {"measure_label": "domain KID x1e3", "scale": 1e3, "best_small_cut": best,
-               "best_cut": {"most_often": 500, "counts": {"500": 4, "50": 1}},  # JSON keys are strings
-               "distinguishability": {"label_names_client": False, "indistinguishable_from": 750}}
+               "best_cut": {"most_often": 500, "counts": {"500": 4, "50": 1}, "not_worse": [500, 1000]},
+               "distinguishability": {"label_names_client": False, "indistinguishable_from": 750, "chance": 0.4,
+                                      "points": [{"t": t, "accuracy": a, "se": 0.01} for t, a in
+                                                 [(0, 0.96), (200, 0.8), (300, 0.65), (500, 0.47), (1000, 0.32)]]}}
+    arms = [{"kind": "cut", "t_zeta": t} for t in (0, 50, 200, 500, 1000)]
     (tmp_path / "r2").mkdir()
-    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": [], "verdict": verdict}))
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
     row = table([tmp_path / "r2"]).splitlines()[2]
-    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 500 (4 of 5) | 50 | beats -2.10 [-3.50, -0.70] | - | "
-                          "n.d. +0.40")
+    # r(300) = 0.45, r(500) = 0.13: the rule's cut is 500, among the cuts that do not lose to the best
+    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 500 (4 of 5) | 500, 1000 | 500 (among them) | 50 | "
+                          "beats -2.10 [-3.50, -0.70] | - | n.d. +0.40")
+    # a curve whose rule lands on an arm that loses to the best, and on a cut that was no arm
+    verdict["best_cut"]["not_worse"] = [1000]
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
+    assert "| 500 (outside them) |" in table([tmp_path / "r2"])
+    verdict["distinguishability"]["points"][3]["accuracy"] = 0.55  # r(500) = 0.27: the rule goes on to 1000
+    verdict["distinguishability"]["points"].insert(4, {"t": 750, "accuracy": 0.41, "se": 0.01})
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
+    assert "| 750 (not an arm of the sweep) |" in table([tmp_path / "r2"])
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text("[]")  # a summary written before the paired verdict
     with pytest.raises(CollafuseError, match="before the paired verdict"):
         table([tmp_path / "old"])
+
+
+def _eval(value: float, agreement: float) -> dict:
+    figure = {"matched": {"frechet": value, "kid": 0.0}, "floor": {"frechet": 0.5, "kid": 0.0}}
+    return {"quality": {"domain_fid": {"pooled": figure, "per_client": {"0": figure}}},
+            "client_agreement": {"mean": agreement}}
+
+
+def test_the_verdict_names_the_cuts_that_do_not_lose_to_the_best_and_pairs_client_agreement() -> None:
+    """Synthetic sweep, 5 seeds with a shared seed effect: 500 is best, 100 is within noise of it, 0 and T are
+    far worse. The cuts that do not lose to the best are 100 and 500; client agreement is compared higher-is-
+    better (a higher share beats)."""
+    from collafuse.studies.cuts import paired_verdict
+
+    rng = np.random.default_rng(4)
+    seed_effect = rng.normal(0, 0.5, 5)
+    level = {0: (2.0, 0.33), 100: (1.02, 0.6), 500: (1.0, 0.9), 1000: (3.0, 0.95)}
+    runs = {f"cut_{t:04d}": [{"dir": Path(f"seed_{s}"),
+                              "eval": _eval(v + seed_effect[s] + rng.normal(0, 0.02), a + rng.normal(0, 0.01))}
+                             for s in range(5)] for t, (v, a) in level.items()}
+    meta = {"cuts": sorted(level), "baselines": [], "config": {"split": {"T": 1000}}}
+    lines, v = paired_verdict(meta, runs)
+    assert v["best_cut"]["most_often"] == 500 and v["best_cut"]["not_worse"] == [100, 500]
+    text = "\n".join(lines)
+    assert "Cuts that do not lose to it (paired, domain FID): [100, 500]" in text
+    rows = {(r["a"], r["b"]): r for r in v["client_agreement"]}
+    assert rows[("cut_0500", "cut_0000")]["verdict"] == "beats"  # 0.9 against 0.33: higher is better
+    assert rows[("cut_0500", "cut_1000")]["verdict"] == "loses to"
+    share = float(re.search(r"\| 500 \| (\d+\.\d)% \|", text).group(1))
+    assert abs(share - 90) <= Z * 100 * 0.01 / math.sqrt(5)  # the mean of 5 draws of sd 1 point

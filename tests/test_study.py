@@ -86,6 +86,11 @@ def test_report_draws_the_plots_and_states_the_verdict(sweep_dir: Path, tmp_path
     assert c["seeds"] == 2 and c["lo"] <= c["diff"] <= c["hi"]
     assert ("cut_0010", "fedavg", None) in pairs and ("cut_0020", "cut_0100", "1") in pairs
     assert "Primary metric:" in text and (sweep_dir / "plots" / "floor.png").stat().st_size > 5000
+    # two seeds: the best cut of all is picked on the other seeds, so it needs three; client agreement is paired
+    # (higher is better)
+    assert v["best_cut"] is None and "Cuts that do not lose to it" not in text
+    assert "Client agreement (higher is better" in text
+    assert {(r["a"], r["b"]) for r in v["client_agreement"]} >= {("cut_0020", "cut_0000"), ("cut_0020", "cut_0100")}
     assert {r["setting"] for r in summary["arms"]} == {p.name for p in sweep_dir.iterdir() if p.is_dir()} - {"plots"}
     assert (sweep_dir / "plots" / "distinguishability.png").stat().st_size > 5000
     # the digits' class clients with a class-conditional model: the label names the client, and the report says so

@@ -1,4 +1,4 @@
-"""The ``collafuse`` command: run, sample, eval, privacy, sweep, report."""
+"""The ``collafuse`` command: run, sample, eval, privacy, sweep, report, recommend."""
 
 from __future__ import annotations
 
@@ -115,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
                                                         "folder)")
     ps.add_argument("--doc", help="a Markdown file whose privacy-study markers get the table (docs/privacy.md)")
     ps.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rc = sub.add_parser("recommend", help="which cut for this data: where the server can no longer tell the clients "
+                                          "apart, with each cut's client compute and disclosure (no training)")
+    rc.add_argument("config", nargs="?", help="TOML config (default: the embedded digits experiment)")
+    rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key, e.g. --set model.conditional=false")
+    rc.add_argument("--threshold", type=float, default=None,
+                    help="the largest remaining difference r a cut may leave (default 0.2, the study's rule)")
+    rc.add_argument("--out", default=None,
+                    help="folder for recommend.json and recommend.png (default: print the table only)")
 
     rp = sub.add_parser("report", help="plots and a Markdown report of a sweep folder")
     rp.add_argument("sweep_dir", help="a folder written by 'collafuse sweep'")
@@ -329,6 +339,25 @@ def _cmd_privacy_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    import json
+
+    from . import config, recommend
+    from .files import write_text_atomic
+
+    cfg = config.load(args.config, args.overrides)
+    threshold = recommend.THRESHOLD if args.threshold is None else args.threshold
+    result = recommend.recommend(cfg, threshold=threshold)
+    print(recommend.table(result))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "recommend.json", json.dumps(result, indent=1, default=float) + "\n")
+        recommend.plot(result, out / "recommend.png")
+        print(f"wrote {out / 'recommend.json'} and {out / 'recommend.png'}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .studies import cuts_report
 
@@ -342,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="collafuse: %(levelname)s: %(message)s")
     try:
         return {"run": _cmd_run, "sample": _cmd_sample, "eval": _cmd_eval, "sweep": _cmd_sweep, "data": _cmd_data,
-                "report": _cmd_report, "privacy": _cmd_privacy,
+                "report": _cmd_report, "privacy": _cmd_privacy, "recommend": _cmd_recommend,
                 "privacy-study": _cmd_privacy_study}[args.verb](args)
     except CollafuseError as exc:
         if args.debug:

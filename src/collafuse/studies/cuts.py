@@ -332,6 +332,41 @@ def _cell(p: Paired | None, scale: float) -> str:
     return f"{p.text(scale)} {word}"
 
 
+AGREEMENT = "eval.client_agreement.mean"
+
+
+def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, alone: str, T: int,
+                     lines: list[str]) -> list[dict[str, Any]]:
+    """Client agreement (the share of a client's samples that a classifier of *which client* gives to it: style
+    where the clients differ in style) of every arm against one global model and the clients alone, paired over
+    seeds, higher is better; appended to ``lines``, returned as rows."""
+    rows: list[dict[str, Any]] = []
+    if not any(seed_values(runs[a.setting], AGREEMENT) for a in arms):
+        return rows
+    lines += ["Client agreement (higher is better: the samples look like their own client's images to a classifier "
+              "of which client an image is from), each arm minus one global model / minus the clients alone, in "
+              "percentage points, 95% interval over the paired seeds:", "",
+              "| arm | client agreement | against one global model | against the clients alone |", "|---|---|---|---|"]
+    for a in arms:
+        mine = seed_values(runs[a.setting], AGREEMENT)
+        if not mine:
+            continue
+        cells = []
+        for b in (glob, alone):
+            p = None if a.setting == b or b not in runs else paired(mine, seed_values(runs[b], AGREEMENT))
+            if p is None:
+                cells.append("-")
+                continue
+            word = {"beats": "**beats**", "loses to": "loses", "no difference detected with": "n.d."}[
+                p.verdict(higher_is_better=True)]
+            cells.append(f"{p.text(100, 1)} {word}")
+            rows.append({"a": a.setting, "b": b, "diff": p.diff, "lo": p.lo, "hi": p.hi, "seeds": p.n,
+                         "verdict": p.verdict(higher_is_better=True)})
+        lines.append(f"| {a.label(T)} | {np.mean(list(mine.values())):.1%} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    return rows
+
+
 def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
     """The verdict section of the report and its figures: the primary metric chosen by measurement
     (:func:`collafuse.studies.paired.choose_primary`), then every comparison as a paired 95% interval over
@@ -428,11 +463,18 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                                      for label, v in best.items()) + ".")
     overall = crossfit_best({a.t_zeta: seed_values(runs[a.setting], m.path()) for a in cuts},
                             seed_values(runs[glob], m.path())) if glob in runs and len(cuts) > 1 else None
+    tied: list[int] = []
     if overall is not None:  # the curve's minimum, for the question of where the best cut lies
+        top = Arm("cut", overall["most_often"]).setting
+        # the cuts that do not lose to it: the range a rule for choosing the cut should land in (the best is
+        # picked on these seeds, which flatters it, so the range is if anything too narrow)
+        tied = sorted([overall["most_often"]] + [a.t_zeta for a in cuts if a.setting != top and (
+            (q := cmp(a.setting, top)) is None or q.verdict() != "loses to")])
         lines.append(f"- The best cut of all, picked for each seed on the other seeds: t_zeta = "
                      f"{overall['most_often']} ({overall['counts'][overall['most_often']]} of "
                      f"{len(overall['picked'])} picks; "
-                     + ", ".join(f"{t}: {n}" for t, n in sorted(overall["counts"].items()) if n) + ").")
+                     + ", ".join(f"{t}: {n}" for t, n in sorted(overall["counts"].items()) if n) + "). Cuts that "
+                     f"do not lose to it (paired, {m.label}): {tied}.")
     for control in (a for a in all_arms if a.kind == "two-stage"):
         split = Arm("cut", control.t_zeta).setting
         p = cmp(split, control.setting)
@@ -449,13 +491,15 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                      for c in clients]
             lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
     lines.append("")
+    agreement = _agreement_table(runs, all_arms, glob, alone, T, lines)
     curve = next((r["eval"]["distinguishability"] for rs in runs.values() for r in rs
                   if r["eval"].get("distinguishability")), None)
     return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
                    "measure_label": m.label, "scale": m.scale, "reason": primary["reason"],
                    "candidates": primary["candidates"], "comparisons": comparisons, "best_small_cut": best,
                    "best_cut": None if overall is None else {"most_often": overall["most_often"],
-                                                              "counts": overall["counts"]},
+                                                              "counts": overall["counts"], "not_worse": tied},
+                   "client_agreement": agreement,
                    "distinguishability": None if curve is None else {
                        k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",
-                                                 "given_label")}}
+                                                 "given_label", "points", "test_images")}}

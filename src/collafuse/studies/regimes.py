@@ -3,9 +3,10 @@
     python -m collafuse.studies.regimes docs/results/r1-digits-conditional docs/results/r2-digits-unconditional
 
 A row: the noise level from which the server cannot tell the clients apart (the distinguishability curve), the
-best cut of all and the best small cut (picked for each seed on the other seeds; the one picked most often),
-and against each baseline whether the best small cut beats it, loses to it or shows no difference, with the
-paired 95% interval of the primary metric.
+best cut of all (picked for each seed on the other seeds; the one picked most often) and the cuts that do not
+lose to it, the cut that `collafuse recommend`'s rule takes from the regime's curve (:func:`collafuse.recommend.
+choose`) and whether it lies among those cuts, the best small cut, and against each baseline whether the best
+small cut beats it, loses to it or shows no difference, with the paired 95% interval of the primary metric.
 """
 
 from __future__ import annotations
@@ -53,11 +54,34 @@ def table(folders: list[Path]) -> str:
         overall = v.get("best_cut")
         picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
                                          f" of {sum(overall['counts'].values())})")
+        tied = (overall or {}).get("not_worse")
+        cut_arms = {a.get("t_zeta") for a in summary.get("arms", []) if a.get("kind") == "cut"}
         rows.append(f"| {Path(folder).name} | {v.get('measure_label', '-')} | {summary.get('seeds', '-')} | "
-                    f"{_transition(v.get('distinguishability'))} | {picks} | {most} | " + " | ".join(cells) + " |")
+                    f"{_transition(v.get('distinguishability'))} | {picks} | {_cuts(tied)} | "
+                    f"{_rule(v.get('distinguishability'), tied, cut_arms)} | {most} | " + " | ".join(cells) + " |")
     head = ("| regime | primary metric | seeds | clients indistinguishable from t | best cut of all (picks) | "
-            "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
-    return "\n".join([head, "|---" * (6 + len(BASELINE_ORDER)) + "|", *rows])
+            "cuts not worse than it | the rule's cut | best small cut | "
+            + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
+    return "\n".join([head, "|---" * (8 + len(BASELINE_ORDER)) + "|", *rows])
+
+
+def _cuts(tied: list[int] | None) -> str:
+    return "-" if tied is None else ", ".join(str(t) for t in tied)
+
+
+def _rule(curve: dict | None, tied: list[int] | None, cut_arms: set[int]) -> str:
+    """The recommendation rule's cut from the regime's curve, and whether it is among the cuts not worse than
+    the best (not testable where the rule's cut was not an arm of the sweep)."""
+    from ..recommend import choose
+
+    if not curve or (not curve.get("label_names_client") and not curve.get("points")):
+        return "-"
+    t = choose(curve)["t_zeta"]
+    if tied is None:
+        return f"{t}"
+    if t in tied:
+        return f"{t} (among them)"
+    return f"{t} (outside them)" if t in cut_arms else f"{t} (not an arm of the sweep)"
 
 
 def main(argv: list[str] | None = None) -> int:
