@@ -191,12 +191,14 @@ def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path)
                                       "points": [{"t": t, "accuracy": a, "se": 0.01} for t, a in
                                                  [(0, 0.96), (200, 0.8), (300, 0.65), (500, 0.47), (1000, 0.32)]]}}
     arms = [{"kind": "cut", "t_zeta": t} for t in (0, 50, 200, 500, 1000)]
+    verdict["client_agreement_best"] = {"most": 1000, "not_worse": [200, 1000]}
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
     row = table([tmp_path / "r2"]).splitlines()[2]
-    # r(300) = 0.45, r(500) = 0.13: the rule's cut is 500, among the cuts that do not lose to the best
-    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 500 (4 of 5) | 500, 1000 | 500 (among them) | 50 | "
-                          "beats -2.10 [-3.50, -0.70] | - | n.d. +0.40")
+    # r(300) = 0.45, r(500) = 0.13: the rule's cut is 500, among the cuts that do not lose to the best, and not
+    # among those of the highest client agreement (200 and 1000)
+    assert row.startswith("| r2 | domain KID x1e3 | 5 | 750 | 500 (4 of 5) | 500, 1000 | 500 (among them) | "
+                          "200, 1000 | 500 (outside them) | 50 | beats -2.10 [-3.50, -0.70] | - | n.d. +0.40")
     # a curve whose rule lands on an arm that loses to the best, and on a cut that was no arm
     verdict["best_cut"]["not_worse"] = [1000]
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
@@ -237,5 +239,9 @@ def test_the_verdict_names_the_cuts_that_do_not_lose_to_the_best_and_pairs_clien
     rows = {(r["a"], r["b"]): r for r in v["client_agreement"]}
     assert rows[("cut_0500", "cut_0000")]["verdict"] == "beats"  # 0.9 against 0.33: higher is better
     assert rows[("cut_0500", "cut_1000")]["verdict"] == "loses to"
+    # agreement: 1000 (0.95) is highest; 500 (0.9) loses to it by 5 points with 1-point noise
+    assert v["client_agreement_best"] == {"most": 1000, "not_worse": [1000]}
+    assert "- Highest client agreement among the cuts: t_zeta = 1000; cuts that do not lose to it (paired): [1000]." \
+        in text
     share = float(re.search(r"\| 500 \| (\d+\.\d)% \|", text).group(1))
     assert abs(share - 90) <= Z * 100 * 0.01 / math.sqrt(5)  # the mean of 5 draws of sd 1 point

@@ -336,13 +336,14 @@ AGREEMENT = "eval.client_agreement.mean"
 
 
 def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, alone: str, T: int,
-                     lines: list[str]) -> list[dict[str, Any]]:
+                     lines: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Client agreement (the share of a client's samples that a classifier of *which client* gives to it: style
     where the clients differ in style) of every arm against one global model and the clients alone, paired over
-    seeds, higher is better; appended to ``lines``, returned as rows."""
+    seeds, higher is better; appended to ``lines``, returned as rows; and the cut with the highest agreement with
+    the cuts that do not lose to it."""
     rows: list[dict[str, Any]] = []
     if not any(seed_values(runs[a.setting], AGREEMENT) for a in arms):
-        return rows
+        return rows, None
     lines += ["Client agreement (higher is better: the samples look like their own client's images to a classifier "
               "of which client an image is from), each arm minus one global model / minus the clients alone, in "
               "percentage points, 95% interval over the paired seeds:", "",
@@ -364,7 +365,17 @@ def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, al
                          "verdict": p.verdict(higher_is_better=True)})
         lines.append(f"| {a.label(T)} | {np.mean(list(mine.values())):.1%} | {cells[0]} | {cells[1]} |")
     lines.append("")
-    return rows
+    # the cut with the highest agreement, and the cuts that do not lose to it: where each client gets samples of
+    # its own kind (the best is picked on these seeds, so the range is if anything too narrow)
+    values = {a.t_zeta: v for a in arms if a.kind == "cut" and (v := seed_values(runs[a.setting], AGREEMENT))}
+    if len(values) > 1:
+        top = max(values, key=lambda t: float(np.mean(list(values[t].values()))))
+        kept = sorted(t for t, v in values.items()
+                      if t == top or (q := paired(v, values[top])) is None or q.verdict(True) != "loses to")
+        lines += [f"- Highest client agreement among the cuts: t_zeta = {top}; cuts that do not lose to it "
+                  f"(paired): {kept}.", ""]
+        return rows, {"most": top, "not_worse": kept}
+    return rows, None
 
 
 def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
@@ -491,7 +502,7 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                      for c in clients]
             lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
     lines.append("")
-    agreement = _agreement_table(runs, all_arms, glob, alone, T, lines)
+    agreement, agreement_best = _agreement_table(runs, all_arms, glob, alone, T, lines)
     curve = next((r["eval"]["distinguishability"] for rs in runs.values() for r in rs
                   if r["eval"].get("distinguishability")), None)
     return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
@@ -499,7 +510,7 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                    "candidates": primary["candidates"], "comparisons": comparisons, "best_small_cut": best,
                    "best_cut": None if overall is None else {"most_often": overall["most_often"],
                                                               "counts": overall["counts"], "not_worse": tied},
-                   "client_agreement": agreement,
+                   "client_agreement": agreement, "client_agreement_best": agreement_best,
                    "distinguishability": None if curve is None else {
                        k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",
                                                  "given_label", "points", "test_images")}}

@@ -5,8 +5,10 @@
 A row: the noise level from which the server cannot tell the clients apart (the distinguishability curve), the
 best cut of all (picked for each seed on the other seeds; the one picked most often) and the cuts that do not
 lose to it, the cut that `collafuse recommend`'s rule takes from the regime's curve (:func:`collafuse.recommend.
-choose`) and whether it lies among those cuts, the best small cut, and against each baseline whether the best
-small cut beats it, loses to it or shows no difference, with the paired 95% interval of the primary metric.
+choose`) and whether it lies among those cuts; the same for client agreement (the cuts that do not lose to the
+cut whose samples a classifier most often gives to their own client); the best small cut, and against each
+baseline whether the best small cut beats it, loses to it or shows no difference, with the paired 95% interval of
+the primary metric.
 """
 
 from __future__ import annotations
@@ -55,14 +57,18 @@ def table(folders: list[Path]) -> str:
         picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
                                          f" of {sum(overall['counts'].values())})")
         tied = (overall or {}).get("not_worse")
+        agree = v.get("client_agreement_best")
         cut_arms = {a.get("t_zeta") for a in summary.get("arms", []) if a.get("kind") == "cut"}
         rows.append(f"| {Path(folder).name} | {v.get('measure_label', '-')} | {summary.get('seeds', '-')} | "
                     f"{_transition(v.get('distinguishability'))} | {picks} | {_cuts(tied)} | "
-                    f"{_rule(v.get('distinguishability'), tied, cut_arms)} | {most} | " + " | ".join(cells) + " |")
+                    f"{_rule(v.get('distinguishability'), tied, cut_arms)} | "
+                    f"{'-' if agree is None else _cuts(agree['not_worse'])} | "
+                    f"{_rule(v.get('distinguishability'), None if agree is None else agree['not_worse'], cut_arms)} | "
+                    f"{most} | " + " | ".join(cells) + " |")
     head = ("| regime | primary metric | seeds | clients indistinguishable from t | best cut of all (picks) | "
-            "cuts not worse than it | the rule's cut | best small cut | "
-            + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
-    return "\n".join([head, "|---" * (8 + len(BASELINE_ORDER)) + "|", *rows])
+            "cuts not worse than it | the rule's cut | cuts with the highest client agreement | the rule's cut | "
+            "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
+    return "\n".join([head, "|---" * (10 + len(BASELINE_ORDER)) + "|", *rows])
 
 
 def _cuts(tied: list[int] | None) -> str:
