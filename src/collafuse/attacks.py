@@ -45,6 +45,7 @@ from torch import Tensor
 from .client import FreshNoise, NoiseOnce
 from .data import ClientData
 from .public import PublicPrior, split_held_out, unclip
+from .schedule import snr_db
 from .split import Split, posterior_mean
 from .training import Trainer
 
@@ -243,7 +244,7 @@ def regeneration_attack(c: Any, cfg: Any, prior: PublicPrior | None = None) -> d
     return {"psnr": float(psnr(got, truth).mean()), "ssim": float(ssim(got, truth).mean()), "images": n,
             "honest_psnr": scores, "honest_ssim": ssims, "best_honest": best, "best_honest_psnr": scores[best],
             "best_honest_ssim": ssims[best], "blind_psnr": scores.get("blind"),
-            "snr_db": 10 * math.log10(a / (1 - a)), "noise": c.seeds.mode}
+            "snr_db": snr_db(a), "noise": c.seeds.mode}
 
 
 def assess(exp: Any, run_dir: Any = None, rounds: list[int] | None = None) -> dict[str, Any]:

@@ -34,9 +34,12 @@ class PublicPrior:
     @classmethod
     def of(cls, clients: list[Any]) -> PublicPrior:
         """The public half of every client's held-out images (:func:`split_held_out`), pooled."""
-        parts = [(c.data.test_x[pub], c.data.test_y[pub]) for c in clients
-                 for pub in [split_held_out(len(c.data.test_x))[1]]]
-        labelled = any(c.conditional and not c.attributes for c in clients)
+        return cls.held_out([c.data for c in clients], any(c.conditional and not c.attributes for c in clients))
+
+    @classmethod
+    def held_out(cls, datas: list[Any], labelled: bool) -> PublicPrior:
+        """The public half of the held-out images of every ``ClientData`` in ``datas``, pooled."""
+        parts = [(d.test_x[pub], d.test_y[pub]) for d in datas for pub in [split_held_out(len(d.test_x))[1]]]
         return cls(torch.cat([x for x, _ in parts]).float(), torch.cat([y for _, y in parts]), labelled)
 
     def _same_label(self, y: Tensor | None, n: int) -> Tensor:

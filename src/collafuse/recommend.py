@@ -35,11 +35,17 @@ from .data import FederatedData, load_section
 from .errors import ConfigError
 from .metrics.distinguish import default_grid, distinguishability
 from .public import PublicPrior, split_held_out
-from .schedule import NoiseSchedule, split_ddim_timesteps
+from .schedule import NoiseSchedule, snr_db, split_ddim_timesteps
 
 THRESHOLD = 0.2  # fitted on the study's R2 (docs/results/README.md)
 Z95 = 1.959963984540054
 DISCLOSURE_IMAGES = 64  # private held-out images per client for the reconstruction figures
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold < 1:
+        raise ConfigError(f"--threshold {threshold}: give a fraction between 0 and 1 (the study's rule uses "
+                          f"{THRESHOLD})")
 
 
 def remaining(curve: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,15 +70,13 @@ def remaining(curve: dict[str, Any]) -> list[dict[str, Any]]:
 
 def choose(curve: dict[str, Any], threshold: float = THRESHOLD) -> dict[str, Any]:
     """The recommended cut of a distinguishability curve: the smallest grid t with r(t) <= ``threshold``."""
-    if not 0 < threshold < 1:
-        raise ConfigError(f"--threshold {threshold}: give a fraction between 0 and 1 (the study's rule uses "
-                          f"{THRESHOLD})")
+    _check_threshold(threshold)
     if curve.get("label_names_client"):
         return {"t_zeta": 0, "settled": True, "could_be": [0],
                 "reason": "each class label belongs to one client, so the label sent with an upload names the client "
-                          "at every noise level and nothing else is left to tell apart: every cut ties in quality "
-                          "(the study's R1); choose the cut by what the clients can compute and what they may "
-                          "disclose"}
+                          "at every noise level and nothing else is left to tell apart: every cut from 0 to 500 "
+                          "tied in quality in the study's R1 (the clients alone lost); choose the cut by what the "
+                          "clients can compute and what they may disclose"}
     rs = remaining(curve)
     points = curve["points"]
     a0, c = points[0]["accuracy"], curve["chance"]
@@ -118,8 +122,7 @@ def disclosure(data: FederatedData, schedule: NoiseSchedule, ts: list[int], *, l
     from .metrics.evaluate import psnr
     from .privacy import guarantee
 
-    parts = [(c.test_x[pub], c.test_y[pub]) for c in data.clients for pub in [split_held_out(len(c.test_x))[1]]]
-    prior = PublicPrior(torch.cat([x for x, _ in parts]).float(), torch.cat([y for _, y in parts]), labelled)
+    prior = PublicPrior.held_out(data.clients, labelled)
     private = [(c.test_x[idx], c.test_y[idx]) for c in data.clients
                for idx in [split_held_out(len(c.test_x))[0][:DISCLOSURE_IMAGES]]]
     x0 = clip_l2(torch.cat([x for x, _ in private]).float(), clip_norm)
@@ -136,7 +139,7 @@ def disclosure(data: FederatedData, schedule: NoiseSchedule, ts: list[int], *, l
         else:
             x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t).float()
             bayes = float(psnr(prior.posterior_mean(x_t, math.sqrt(abar), 1.0 - abar, y, clip_norm), x0).mean())
-        out[t] = {"snr_db": 10 * math.log10(abar / (1 - abar)) if abar < 1 else math.inf,
+        out[t] = {"snr_db": snr_db(abar),
                   "epsilon": guarantee(abar, bound, 1, delta).epsilon, "psnr_public_prior": bayes,
                   "psnr_blind": blind}
     return out
@@ -148,9 +151,7 @@ def recommend(cfg: Config, data: FederatedData | None = None, threshold: float =
     and disclosure (module docstring)."""
     from .experiment import schedule_for
 
-    if not 0 < threshold < 1:
-        raise ConfigError(f"--threshold {threshold}: give a fraction between 0 and 1 (the study's rule uses "
-                          f"{THRESHOLD})")
+    _check_threshold(threshold)
     data = load_section(cfg.data) if data is None else data
     if len(data.clients) < 2:
         raise ConfigError("collafuse recommend needs at least two clients: with one there is nobody to tell apart "

@@ -240,6 +240,11 @@ def ddim_timesteps(hi: int, lo: int, steps: int) -> list[int]:
     return out
 
 
+def snr_db(abar: float) -> float:
+    """Signal-to-noise ratio abar / (1 - abar) of x_t in decibels: +inf for clean images (abar = 1), -inf for pure
+    noise (abar = 0)."""
+    return 10 * math.log10(abar / (1 - abar)) if 0 < abar < 1 else (math.inf if abar >= 1 else -math.inf)
+
 def split_ddim_timesteps(T: int, t_zeta: int, steps: int) -> tuple[list[int], list[int]]:
     """Share the ``steps`` evenly spaced DDIM timesteps between server (T..t_zeta) and client (t_zeta..0).
 

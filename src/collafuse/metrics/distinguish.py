@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..data import FederatedData
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, snr_db
 
 MAX_FIT = 4000  # noised training images per t (a random subset where there are more)
 MAX_TEST = 2000
@@ -101,8 +101,7 @@ def distinguishability(data: FederatedData, schedule: NoiseSchedule, *, given_la
         clf = MLPClassifier((128,), max_iter=200, early_stopping=True, random_state=seed).fit(f_tr, c_tr)
         acc = float((clf.predict(f_te) == c_te).mean())
         points.append({"t": t, "accuracy": acc, "se": math.sqrt(max(acc * (1 - acc), 1e-12) / len(c_te)),
-                       "snr_db": 10 * math.log10(float(schedule.abar[t]) / max(1e-300, 1 - float(schedule.abar[t])))
-                       if t > 0 else math.inf})
+                       "snr_db": snr_db(float(schedule.abar[t])) if t > 0 else math.inf})
     # the first t from which on every accuracy stays within two standard errors of chance
     level = next((p["t"] for i, p in enumerate(points)
                   if all(q["accuracy"] <= base + 2 * math.sqrt(base * (1 - base) / len(c_te)) for q in points[i:])),

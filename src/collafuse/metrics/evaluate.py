@@ -36,6 +36,7 @@ from ..client import clip_l2
 from ..experiment import Experiment, sample_clients, seed_for
 from ..files import write_text_atomic
 from ..public import PublicPrior, split_held_out
+from ..schedule import snr_db
 from ..split import posterior_mean
 from .agreement import ClientClassifier, LabelClassifier
 from .distances import METRIC_LABELS, frechet_features, kid, nearest_distances, precision_recall
@@ -214,7 +215,7 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
                          "public_prior": prior.posterior_mean(x_t, math.sqrt(abar), 1.0 - abar, label, clip_norm)}
         scores = {k: float(psnr(v, x0).mean()) for k, v in estimates.items()}
         best = max(scores, key=scores.get)
-        per[str(c.cid)] = {"t_zeta": t, "snr_db": _snr_db(abar), "images": len(x0), "best": best,
+        per[str(c.cid)] = {"t_zeta": t, "snr_db": snr_db(abar), "images": len(x0), "best": best,
                            "psnr": math.inf if t == 0 else scores[best],
                            "ssim": float(ssim(estimates[best], x0).mean()),
                            "psnr_by_estimate": scores,
@@ -224,7 +225,7 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
     t, abar = exp.split.t_zeta, exp.split.abar_cut  # the run's default cut
     out: dict[str, Any] = {
         "t_zeta": t, "client_cuts": {str(k): v for k, v in exp.cuts.items()},
-        "snr": abar / (1 - abar) if abar < 1 else math.inf, "snr_db": _snr_db(abar),
+        "snr": abar / (1 - abar) if abar < 1 else math.inf, "snr_db": snr_db(abar),
         "reconstruction": {"tool": "the better of two posterior means E[x0 | x_t] (the client's own denoiser; "
                                    "Bayes under the public images), per client; not an upper bound: "
                                    "`collafuse privacy` runs every attack",
@@ -241,10 +242,6 @@ def disclosure(exp: Experiment, feats: dict[str, Extractor]) -> dict[str, Any] |
         up_f = ext.cached(x_up)
         out["upload_distance"][name] = compare(real_f, up_f)
     return out
-
-
-def _snr_db(abar: float) -> float:
-    return 10 * math.log10(abar / (1 - abar)) if 0 < abar < 1 else (math.inf if abar >= 1 else -math.inf)
 
 
 def memorisation(exp: Experiment, samples: dict[int, Tensor]) -> dict[str, Any]:

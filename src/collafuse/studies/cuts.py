@@ -325,11 +325,12 @@ def _cmp_row(name: str, a: str, b: str, p: Paired | None, measure: Measure, clie
                                      "detectable": p.detectable, "verdict": p.verdict()})}
 
 
-def _cell(p: Paired | None, scale: float) -> str:
+def _cell(p: Paired | None, scale: float, higher_is_better: bool = False, digits: int = 3) -> str:
     if p is None:
         return "-"
-    word = {"beats": "**beats**", "loses to": "loses", "no difference detected with": "n.d."}[p.verdict()]
-    return f"{p.text(scale)} {word}"
+    word = {"beats": "**beats**", "loses to": "loses", "no difference detected with": "n.d."}[
+        p.verdict(higher_is_better)]
+    return f"{p.text(scale, digits)} {word}"
 
 
 AGREEMENT = "eval.client_agreement.mean"
@@ -355,14 +356,10 @@ def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, al
         cells = []
         for b in (glob, alone):
             p = None if a.setting == b or b not in runs else paired(mine, seed_values(runs[b], AGREEMENT))
-            if p is None:
-                cells.append("-")
-                continue
-            word = {"beats": "**beats**", "loses to": "loses", "no difference detected with": "n.d."}[
-                p.verdict(higher_is_better=True)]
-            cells.append(f"{p.text(100, 1)} {word}")
-            rows.append({"a": a.setting, "b": b, "diff": p.diff, "lo": p.lo, "hi": p.hi, "seeds": p.n,
-                         "verdict": p.verdict(higher_is_better=True)})
+            cells.append(_cell(p, 100, higher_is_better=True, digits=1))
+            if p is not None:
+                rows.append({"a": a.setting, "b": b, "diff": p.diff, "lo": p.lo, "hi": p.hi, "seeds": p.n,
+                             "verdict": p.verdict(higher_is_better=True)})
         lines.append(f"| {a.label(T)} | {np.mean(list(mine.values())):.1%} | {cells[0]} | {cells[1]} |")
     lines.append("")
     # the cut with the highest agreement, and the cuts that do not lose to it: where each client gets samples of
