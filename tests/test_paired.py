@@ -207,16 +207,60 @@ def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path)
     verdict["distinguishability"]["points"].insert(4, {"t": 750, "accuracy": 0.41, "se": 0.01})
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
     assert "| 750 (not an arm of the sweep) |" in table([tmp_path / "r2"])
+    # Inception KID on the final arms: the best small cut (50) against one global model and the clients alone
+    verdict["inception_kid"] = {"scale": 1e3, "comparisons": [
+        {"a": "cut_0050", "b": "cut_0000", "diff": 0.0012, "lo": 0.0002, "hi": 0.0022, "verdict": "loses to"},
+        {"a": "cut_0050", "b": "cut_1000", "diff": -0.0005, "lo": -0.0015, "hi": 0.0005,
+         "verdict": "no difference detected with"},
+        {"a": "cut_0000", "b": "cut_1000", "diff": -0.0017, "lo": -0.003, "hi": -0.0004, "verdict": "beats"}]}
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps(
+        {"seeds": 5, "arms": [a | {"T": 1000} for a in arms], "verdict": verdict}))
+    assert table([tmp_path / "r2"]).splitlines()[2].endswith(
+        "| loses +1.20 [+0.20, +2.20] / n.d. -0.50 [-1.50, +0.50] |")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text("[]")  # a summary written before the paired verdict
     with pytest.raises(CollafuseError, match="before the paired verdict"):
         table([tmp_path / "old"])
 
 
-def _eval(value: float, agreement: float) -> dict:
+def _eval(value: float, agreement: float, inception: float | None = None) -> dict:
     figure = {"matched": {"frechet": value, "kid": 0.0}, "floor": {"frechet": 0.5, "kid": 0.0}}
-    return {"quality": {"domain_fid": {"pooled": figure, "per_client": {"0": figure}}},
-            "client_agreement": {"mean": agreement}}
+    quality = {"domain_fid": {"pooled": figure, "per_client": {"0": figure}}}
+    if inception is not None:
+        kid = {"matched": {"frechet": 1.0, "kid": inception}, "floor": {"frechet": 1.0, "kid": 0.0}}
+        quality["fid"] = {"pooled": kid, "per_client": {"0": kid}}
+    return {"quality": quality, "client_agreement": {"mean": agreement}}
+
+
+def test_a_figure_that_some_arms_lack_is_reported_beside_the_primary_and_never_chosen() -> None:
+    """Inception KID computed for the final arms only (0, 200, T of four cuts). It separates the clients alone
+    from its floor far better than domain FID, so on the lone arm alone it would be chosen; a primary metric must
+    rank every arm, so domain FID is, and Inception KID gets its own paired table: 200 reads 1e-3 below one global
+    model (per-seed noise 2e-4, so the interval excludes 0) and 4e-3 below the clients alone."""
+    from collafuse.studies.cuts import paired_verdict
+
+    rng = np.random.default_rng(11)
+    seed_effect = rng.normal(0, 0.5, 5)
+    level = {0: (2.0, 0.006), 200: (1.5, 0.005), 500: (1.0, None), 1000: (3.0, 0.009)}
+    runs = {f"cut_{t:04d}": [{"dir": Path(f"seed_{s}"),
+                              "eval": _eval(v + seed_effect[s] + rng.normal(0, 0.02), 0.5,
+                                            None if k is None else k + rng.normal(0, 2e-4))}
+                             for s in range(5)] for t, (v, k) in level.items()}
+    assert choose_primary(runs["cut_1000"])["measure"].key == "fid_kid"  # the lone arm alone would pick it
+    meta = {"cuts": sorted(level), "baselines": [], "config": {"split": {"T": 1000}}}
+    lines, v = paired_verdict(meta, runs)
+    assert v["primary"] == "domain_fid" and "fid_kid" not in [c["measure"] for c in v["candidates"]]
+    part = v["inception_kid"]
+    assert list(part["arms"]) == ["cut_0000", "cut_0200", "cut_1000"] and part["separation"]["z"] >= SEPARATION
+    rows = {(r["a"], r["b"]): r for r in part["comparisons"]}
+    assert rows[("cut_0200", "cut_0000")]["verdict"] == "beats" and rows[("cut_0200", "cut_1000")]["verdict"] == "beats"
+    se = 2e-4 * math.sqrt(2 / 5)  # a paired mean of 5 differences of two draws of sd 2e-4
+    assert abs(rows[("cut_0200", "cut_0000")]["diff"] + 1e-3) <= Z * se
+    assert rows[("cut_0000", "cut_1000")]["verdict"] == "beats"
+    text = "\n".join(lines)
+    assert "Inception KID x1e3 where it was computed (3 of 4 arms)" in text
+    mean = float(re.search(r"\| 200 \| 5 \| (\d\.\d{3}) ± \d\.\d{3} \| 0\.000 \|", text).group(1))
+    assert abs(mean - 5.0) <= Z * 0.2 / math.sqrt(5) and "| 500 | 5 |" not in text  # x1e3; 500 has none
 
 
 def test_the_verdict_names_the_cuts_that_do_not_lose_to_the_best_and_pairs_client_agreement() -> None:

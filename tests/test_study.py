@@ -236,6 +236,16 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     text = report(out).read_text()
     assert "FID skipped" in text and (out / "plots" / "quality.png").stat().st_size > 5000
     assert "- One seed only: no paired interval" in text and "| two-stage control at 20 |" in text
+    # a figure that only some arms have (Inception KID, computed for a study's final arms): a column with '-'
+    control_eval = out / "two_stage_0020" / "seed_0" / "eval.json"
+    ev_control = json.loads(control_eval.read_text())
+    ev_control["quality"]["fid"] = ev_control["quality"]["domain_fid"]
+    control_eval.write_text(json.dumps(ev_control))
+    lines = report(out).read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| arm | domain FID |"))
+    column = [c.strip() for c in lines[head].split("|")].index("FID")
+    cells = {r[1]: r[column] for r in ([c.strip() for c in line.split("|")] for line in lines[head + 2:head + 4])}
+    assert cells["20"] == "-" and cells["two-stage control at 20"] not in ("-", ""), cells
     control = config.load(out / "two_stage_0020" / "seed_0" / "config.toml")
     assert control.train.client_models == "shared" and control.split.t_zeta == 20
     res = run_main("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=tmp_path)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import config as config_mod
 from ..errors import CollafuseError, ConfigError
-from .paired import MEASURES, Measure, Paired, choose_primary, crossfit_best, get, paired, seed_values
+from .paired import MEASURES, Measure, Paired, choose_primary, crossfit_best, get, paired, seed_values, separation
 from .runner import STUDY_OVERRIDES, parse_cuts, run_study_folder, runs_at_once
 
 QUICK_OVERRIDES = ["train.rounds=150", "eval.inception=\"off\"", "eval.n_per_client=64"]
@@ -375,6 +375,51 @@ def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, al
     return rows, None
 
 
+INCEPTION_KID = next(m for m in MEASURES if m.key == "fid_kid")
+
+
+def _partial_measure(runs: dict[str, list[dict]], arms: list[Arm], measure: Measure, glob: str, alone: str, T: int,
+                     lines: list[str]) -> dict[str, Any] | None:
+    """A figure beside the primary metric on the arms that have it (Inception KID, which a study may compute for
+    its final arms only, with ``collafuse eval RUN --set eval.inception=auto``: minutes per run on a CPU; a figure
+    missing from some arms cannot be the primary metric, :func:`collafuse.studies.paired.covers`): how far the
+    clients alone read above its real floor, and each arm against one global model and against the clients
+    alone, paired over seeds (lower is better); appended to ``lines``."""
+    have = [a for a in arms if len(seed_values(runs[a.setting], measure.path())) >= 2]
+    if len(have) < 2:
+        return None
+    sc = measure.scale
+    sep = separation(runs[alone], measure) if alone in runs else None
+    lines += [f"{measure.label} where it was computed ({len(have)} of {len(arms)} arms), at matched counts as the "
+              f"primary metric; each arm minus one global model / minus the clients alone, 95% interval over the "
+              f"paired seeds (lower is better)"
+              + (f"; the clients alone read {sep['excess'] * sc:.3f} ± {sep['se'] * sc:.3f} above its real floor "
+                 f"({sep['z']:.1f} standard errors)" if sep else "") + ":", "",
+              "| arm | seeds | mean ± 95% interval | real floor | against one global model | against the clients "
+              "alone |", "|---|---|---|---|---|---|"]
+    out: dict[str, Any] = {"measure": measure.key, "label": measure.label, "scale": sc, "separation": sep,
+                           "arms": {}, "comparisons": []}
+    for a in have:
+        mine = seed_values(runs[a.setting], measure.path())
+        floor = seed_values(runs[a.setting], measure.path("floor"))
+        v = np.array(list(mine.values()))
+        stat = (float(v.mean()), float(v.std(ddof=1)), len(v))
+        fl = (float(np.mean(list(floor.values()))), float(np.std(list(floor.values()), ddof=1)), len(floor))
+        cells = []
+        for b in (glob, alone):
+            p = None if a.setting == b or b not in runs else paired(mine, seed_values(runs[b], measure.path()))
+            cells.append(_cell(p, sc))
+            if p is not None:
+                out["comparisons"].append(_cmp_row(f"{a.setting} - {b}", a.setting, b, p, measure, None))
+        out["arms"][a.setting] = {"label": a.label(T), "t_zeta": a.t_zeta, "kind": a.kind, "mean": stat[0],
+                                  "sd": stat[1], "seeds": stat[2], "ci95": ci95(stat), "floor": fl[0],
+                                  "floor_ci95": ci95(fl)}
+        lines.append(f"| {a.label(T)} | {stat[2]} | {stat[0] * sc:.3f} ± {ci95(stat) * sc:.3f} | {fl[0] * sc:.3f} | "
+                     f"{cells[0]} | {cells[1]} |")
+    lines.append("")
+    return out
+
+
 def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], dict[str, Any]]:
     """The verdict section of the report and its figures: the primary metric chosen by measurement
     (:func:`collafuse.studies.paired.choose_primary`), then every comparison as a paired 95% interval over
@@ -383,7 +428,7 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
     T = meta["config"]["split"]["T"]
     all_arms = [a for a in sweep_arms(meta) if runs.get(a.setting)]
     glob, alone = Arm("cut", 0).setting, Arm("cut", T).setting
-    primary = choose_primary(runs.get(alone))
+    primary = choose_primary(runs.get(alone), [runs[a.setting] for a in all_arms])
     m: Measure = primary["measure"] or WHOLE_SET
     lines = ["## Verdict (paired over seeds)", "",
              f"Primary metric: {primary['reason']}." if primary["measure"] else
@@ -500,6 +545,8 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
             lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
     lines.append("")
     agreement, agreement_best = _agreement_table(runs, all_arms, glob, alone, T, lines)
+    inception = None if m.key == INCEPTION_KID.key else _partial_measure(runs, all_arms, INCEPTION_KID, glob, alone,
+                                                                          T, lines)
     curve = next((r["eval"]["distinguishability"] for rs in runs.values() for r in rs
                   if r["eval"].get("distinguishability")), None)
     return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
@@ -508,6 +555,7 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                    "best_cut": None if overall is None else {"most_often": overall["most_often"],
                                                               "counts": overall["counts"], "not_worse": tied},
                    "client_agreement": agreement, "client_agreement_best": agreement_best,
+                   "inception_kid": inception,
                    "distinguishability": None if curve is None else {
                        k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",
                                                  "given_label", "points", "test_images")}}

@@ -13,6 +13,8 @@ from ..files import write_text_atomic
 from ..metrics.distances import METRIC_LABELS
 from .cuts import BASELINES, ci95, collect, fmt, paired_verdict, summarise, sweep_arms
 
+NONE = (math.nan, math.nan, 0)  # an arm without a figure (Inception, where only the final arms have it)
+
 
 def _sci(v: tuple[float, float, int]) -> str:
     """A large count in three significant digits ('-' where there is none)."""
@@ -53,7 +55,7 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
         """Each baseline as a line with its 95% interval over seeds (the two-stage control as a point at its
         cut)."""
         for r in baselines:
-            v = get(r) if get is not None else r[key]
+            v = get(r) if get is not None else r.get(key, NONE)
             m, s = v[0] * scale, ci95(v) * scale
             if math.isnan(m):
                 continue
@@ -65,7 +67,7 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
                 ax.axhline(m, color=colour, ls="--", label=r["label"])
                 ax.axhspan(m - s, m + s, color=colour, alpha=0.1)
 
-    metrics = [k for k in METRIC_LABELS if k in cuts[0]]
+    metrics = [k for k in METRIC_LABELS if all(k in r for r in cuts)]  # a curve over every cut (else: its own plot)
     titles = {k: f"{METRIC_LABELS[k]} ({v})" for k, v in
               {"domain_fid": "small classifier features", "fid": "Inception-v3", "fcd": "CLIP"}.items()}
     # (these panels: every sample against every held-out image; the same at matched counts, with the real
@@ -214,6 +216,34 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     return names
 
 
+def _partial_plot(part: dict[str, Any] | None, out: Path) -> bool:
+    """A figure computed for some arms only (:func:`collafuse.studies.cuts._partial_measure`): each arm's mean with
+    its 95% interval over seeds, beside the real floor."""
+    if not part:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import save_figure
+
+    sc, arms = part["scale"], list(part["arms"].values())
+    fig, ax = plt.subplots(figsize=(1.2 * len(arms) + 3, 4.2), dpi=110)
+    x = np.arange(len(arms))
+    ax.errorbar(x, [sc * a["mean"] for a in arms], yerr=[sc * a["ci95"] for a in arms], ls="none", marker="o",
+                capsize=4, color="black", label="pooled (mean, 95% interval over seeds)")
+    floor = float(np.mean([a["floor"] for a in arms]))
+    ax.axhline(sc * floor, color="gray", ls=":", lw=1.5, label="real floor (halves of the held-out images)")
+    ax.set_xticks(x, [a["label"] for a in arms], fontsize=8, rotation=15)
+    ax.set_ylabel(f"{part['label']} (lower is better)")
+    ax.set_title(f"{part['label']} on the arms where it was computed", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / f"{part['measure']}.png")
+    return True
+
+
 def _paired_plot(summary: dict, meta: dict, out: Path) -> bool:
     """Each cut minus one global model and minus the clients alone (pooled primary metric), paired 95% intervals
     over seeds: an interval wholly below zero is a win for the cut."""
@@ -268,7 +298,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     rows = summarise(meta, runs)
     plots = _plots(rows, runs, out / "plots")
     cfg = meta["config"]
-    metrics = [k for k in METRIC_LABELS if k in rows[0]]
+    metrics = [k for k in METRIC_LABELS if any(k in r for r in rows)]  # Inception: maybe on some arms only
     n_expected = len(sweep_arms(meta))
     budget = meta.get("budget", "rounds")
     rule = ("the same rounds for every arm (each client's data used alike; the optimiser steps differ by arm, see "
@@ -298,7 +328,7 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     ]
     for r in rows:
         kid = r["domain_fid_kid"]
-        lines.append(f"| {_label(r)} | " + " | ".join(fmt(r[m]) for m in metrics)
+        lines.append(f"| {_label(r)} | " + " | ".join(fmt(r.get(m, NONE)) for m in metrics)
                      + f" | {fmt((kid[0] * 1e3, kid[1] * 1e3, kid[2]))} | {fmt(r['domain_fid_precision'])} | "
                      f"{fmt(r['domain_fid_recall'])} | {fmt(r['label_agreement'], pct=True)} | "
                      f"{fmt(r['client_agreement'], pct=True)} |")
@@ -318,6 +348,8 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     lines += verdict_lines
     if _paired_plot(verdict_summary, meta, out / "plots"):
         lines += ["![paired differences](plots/paired.png)", ""]
+    if _partial_plot(verdict_summary.get("inception_kid"), out / "plots"):
+        lines += [f"![Inception KID](plots/{verdict_summary['inception_kid']['measure']}.png)", ""]
     lines += ["", "## Client compute and communication", "",
               "| arm | client share of network evaluations | client sampling seconds per image | "
               "bytes a client sends per round |", "|---|---|---|---|"]

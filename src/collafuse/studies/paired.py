@@ -10,7 +10,8 @@ difference the study could have detected: (t_{0.975} + t_{0.80}) * se, the diffe
 The primary metric is chosen by measurement, not by habit (:func:`choose_primary`): the first of
 :data:`MEASURES` whose lone-client arm (t_zeta = T) reads above the real-against-real floor by at least
 :data:`SEPARATION` of its own standard errors, seed by seed. A metric that cannot tell the weakest arm from fresh
-real images cannot rank the arms between.
+real images cannot rank the arms between; and only a metric that every arm has can rank them all (a study may
+compute Inception KID for its final arms only).
 """
 
 from __future__ import annotations
@@ -116,10 +117,18 @@ def separation(runs: list[dict], measure: Measure, client: str | None = None) ->
     return {"measure": measure.key, "label": measure.label, "excess": p.diff, "se": p.se, "z": z, "seeds": p.n}
 
 
-def choose_primary(lone: list[dict] | None) -> dict[str, Any]:
+def covers(arms: list[list[dict]], measure: Measure) -> bool:
+    """Whether every run of every arm has ``measure`` (a figure computed for only some arms, as Inception KID
+    evaluated on a study's final arms, cannot rank them all)."""
+    return all(len(seed_values(rs, measure.path())) == len(rs) for rs in arms)
+
+
+def choose_primary(lone: list[dict] | None, arms: list[list[dict]] | None = None) -> dict[str, Any]:
     """The primary metric from the lone-client arm's runs: the first of :data:`MEASURES` that separates it from
-    the real floor by :data:`SEPARATION` standard errors, with every candidate's separation and the reason."""
-    table = [s for m in MEASURES if lone and (s := separation(lone, m)) is not None]
+    the real floor by :data:`SEPARATION` standard errors, with every candidate's separation and the reason.
+    ``arms``: every arm's runs, where given; a candidate must then be there in all of them."""
+    table = [s for m in MEASURES
+             if lone and (arms is None or covers(arms, m)) and (s := separation(lone, m)) is not None]
     chosen = next((s for s in table if s["z"] >= SEPARATION), None)
     if not table:
         reason = ("no arm has the real floor (runs evaluated before collafuse recorded it) or the clients-alone arm "

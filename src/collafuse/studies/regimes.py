@@ -8,7 +8,8 @@ lose to it, the cut that `collafuse recommend`'s rule takes from the regime's cu
 choose`) and whether it lies among those cuts; the same for client agreement (the cuts that do not lose to the
 cut whose samples a classifier most often gives to their own client); the best small cut, and against each
 baseline whether the best small cut beats it, loses to it or shows no difference, with the paired 95% interval of
-the primary metric.
+the primary metric; and where the regime's final arms have Inception KID, the same for the best small cut against
+one global model and the clients alone on it.
 """
 
 from __future__ import annotations
@@ -59,16 +60,30 @@ def table(folders: list[Path]) -> str:
         tied = (overall or {}).get("not_worse")
         agree = v.get("client_agreement_best")
         cut_arms = {a.get("t_zeta") for a in summary.get("arms", []) if a.get("kind") == "cut"}
+        T = next((a["T"] for a in summary.get("arms", []) if "T" in a), None)
         rows.append(f"| {Path(folder).name} | {v.get('measure_label', '-')} | {summary.get('seeds', '-')} | "
                     f"{_transition(v.get('distinguishability'))} | {picks} | {_cuts(tied)} | "
                     f"{_rule(v.get('distinguishability'), tied, cut_arms)} | "
                     f"{'-' if agree is None else _cuts(agree['not_worse'])} | "
                     f"{_rule(v.get('distinguishability'), None if agree is None else agree['not_worse'], cut_arms)} | "
-                    f"{most} | " + " | ".join(cells) + " |")
+                    f"{most} | " + " | ".join(cells) + f" | {_inception(v.get('inception_kid'), most, T)} |")
     head = ("| regime | primary metric | seeds | clients indistinguishable from t | best cut of all (picks) | "
             "cuts not worse than it | the rule's cut | cuts with the highest client agreement | the rule's cut | "
-            "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER) + " |")
-    return "\n".join([head, "|---" * (10 + len(BASELINE_ORDER)) + "|", *rows])
+            "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER)
+            + " | Inception KID x1e3: the best small cut against one global model / the clients alone |")
+    return "\n".join([head, "|---" * (11 + len(BASELINE_ORDER)) + "|", *rows])
+
+
+def _inception(part: dict | None, cut: int | str, T: int | None) -> str:
+    """The best small cut against one global model and the clients alone on Inception KID, where the regime's
+    report has it (computed for its final arms only)."""
+    if not part or not isinstance(cut, int) or T is None:
+        return "-"
+    found = {c["b"]: c for c in part["comparisons"] if c["a"] == f"cut_{cut:04d}" and "diff" in c}
+    sc = part["scale"]
+    return " / ".join("-" if b not in found else f"{WORD[found[b]['verdict']]} {found[b]['diff'] * sc:+.2f} "
+                                                 f"[{found[b]['lo'] * sc:+.2f}, {found[b]['hi'] * sc:+.2f}]"
+                      for b in ("cut_0000", f"cut_{T:04d}"))
 
 
 def _cuts(tied: list[int] | None) -> str:
