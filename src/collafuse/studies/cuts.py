@@ -401,10 +401,7 @@ def _partial_measure(runs: dict[str, list[dict]], arms: list[Arm], measure: Meas
                            "arms": {}, "comparisons": []}
     for a in have:
         mine = seed_values(runs[a.setting], measure.path())
-        floor = seed_values(runs[a.setting], measure.path("floor"))
-        v = np.array(list(mine.values()))
-        stat = (float(v.mean()), float(v.std(ddof=1)), len(v))
-        fl = (float(np.mean(list(floor.values()))), float(np.std(list(floor.values()), ddof=1)), len(floor))
+        stat, fl = _agg(runs[a.setting], measure.path()), _agg(runs[a.setting], measure.path("floor"))
         cells = []
         for b in (glob, alone):
             p = None if a.setting == b or b not in runs else paired(mine, seed_values(runs[b], measure.path()))
