@@ -289,3 +289,93 @@ def test_the_verdict_names_the_cuts_that_do_not_lose_to_the_best_and_pairs_clien
         in text
     share = float(re.search(r"\| 500 \| (\d+\.\d)% \|", text).group(1))
     assert abs(share - 90) <= Z * 100 * 0.01 / math.sqrt(5)  # the mean of 5 draws of sd 1 point
+
+
+def _clients_eval(pooled: float, own: list[float], inception: list[float] | None = None) -> dict:
+    """An eval.json whose domain KID reads ``pooled`` for all samples together and ``own[c]`` for client c's
+    samples against its own held-out images (floors 0); with ``inception``, Inception KID per client too."""
+    def figure(kid: float) -> dict:
+        return {"matched": {"frechet": 1.0, "kid": kid}, "floor": {"frechet": 1.0, "kid": 0.0}}
+    quality = {"domain_fid": {"pooled": figure(pooled), "per_client": {str(c): figure(v) for c, v in enumerate(own)}}}
+    if inception is not None:
+        quality["fid"] = {"pooled": figure(float(np.mean(inception))),
+                          "per_client": {str(c): figure(v) for c, v in enumerate(inception)}}
+    return {"quality": quality}
+
+
+def test_each_clients_own_images_are_scored_where_the_pooled_figure_cannot_see_them() -> None:
+    """The failure of a pooled figure that R2 showed: one global model draws every client's kind of image in the
+    pooled proportions, so it reads best pooled (1e-3 against 1.5e-3 at 500) though each client's samples are far
+    from its own images (8e-3 against 1e-3). The mean over the clients of each client's own figure finds 500
+    the best cut on every pick, with no other cut tied; 200 beats one global model and loses to the clients
+    alone; a run that lacks a client's figure is left out of the mean, not averaged over fewer clients."""
+    from collafuse.studies.cuts import paired_verdict
+    from collafuse.studies.paired import MEASURES, client_mean_values
+
+    rng = np.random.default_rng(21)
+    seed_effect = rng.normal(0, 1e-3, 5)
+    sd = 2e-4
+    level = {0: (1e-3, 8e-3), 200: (2e-3, 4e-3), 500: (1.5e-3, 1e-3), 1000: (3e-3, 3e-3)}
+    inception = {0: 6e-3, 200: 2e-3, 1000: 4e-3}  # computed for three of the four cuts
+    runs = {f"cut_{t:04d}": [{"dir": Path(f"seed_{s}"), "eval": _clients_eval(
+        p + seed_effect[s] + rng.normal(0, sd), list(o + seed_effect[s] + rng.normal(0, sd, 3)),
+        None if t not in inception else list(inception[t] + rng.normal(0, sd, 3)))}
+        for s in range(5)] for t, (p, o) in level.items()}
+    meta = {"cuts": sorted(level), "baselines": [], "config": {"split": {"T": 1000}}}
+    lines, v = paired_verdict(meta, runs)
+    assert v["primary"] == "domain_kid" and v["best_cut"]["most_often"] == 0  # pooled: the global model wins
+    own = v["own_images"]
+    assert own["best_cut"]["most_often"] == 500 and own["best_cut"]["counts"][500] == 5
+    assert own["best_cut"]["not_worse"] == [500] and own["separation"]["z"] >= SEPARATION
+    rows = {(r["a"], r["b"]): r for r in own["comparisons"]}
+    assert rows[("cut_0200", "cut_0000")]["verdict"] == "beats"
+    assert rows[("cut_0200", "cut_1000")]["verdict"] == "loses to"
+    se = sd * math.sqrt(2 / 3 / 5)  # a paired mean over 5 seeds of differences of two means of 3 draws
+    assert abs(rows[("cut_0500", "cut_0000")]["diff"] + 7e-3) <= Z * se
+    assert own["best_small_cut"]["one global model"]["most_often"] == 200
+    assert "- The best cut of all on each client's own images (domain KID x1e3), picked for each seed on the " \
+        "other seeds: t_zeta = 500 (5 of 5 picks); cuts that do not lose to it (paired): [500]." in "\n".join(lines)
+    part = v["inception_kid"]["own_images"]  # the best of the cuts it has, not of all
+    assert list(part["arms"]) == ["cut_0000", "cut_0200", "cut_1000"] and part["best_cut"]["most_often"] == 200
+    assert "- The best of the cuts it was computed for on each client's own images (Inception KID x1e3)" in \
+        "\n".join(lines)
+    domain_kid = MEASURES[0]
+    del runs["cut_0500"][2]["eval"]["quality"]["domain_fid"]["per_client"]["1"]
+    kept = client_mean_values(runs["cut_0500"], domain_kid, ["0", "1", "2"])
+    assert sorted(kept) == ["seed_0", "seed_1", "seed_3", "seed_4"]
+    assert kept["seed_0"] == pytest.approx(np.mean([runs["cut_0500"][0]["eval"]["quality"]["domain_fid"][
+        "per_client"][c]["matched"]["kid"] for c in "012"]))
+
+
+def test_the_regimes_own_images_table_reads_each_record(tmp_path: Path) -> None:
+    """The second table of the regimes: the primary metric on each client's own images (the rule's cut 500 from
+    the curve, among the cuts not worse than the best) and Inception KID's own-images record where only the final
+    arms have it; a regime without either record reads '-' in every cell, and every row has the header's
+    columns."""
+    import json
+
+    from collafuse.studies.regimes import own_table
+
+    def record(label: str, best: int, tied: list[int], diffs: tuple[float, float]) -> dict:
+        return {"label": label, "scale": 1e3, "separation": {"z": 10.64},
+                "arms": {f"cut_{t:04d}": {"kind": "cut", "t_zeta": t} for t in (0, 200, 500, 1000)},
+                "best_cut": {"most_often": best, "counts": {str(best): 5}, "not_worse": tied},
+                "best_small_cut": {"one global model": {"most_often": 200, "diff": diffs[0], "lo": diffs[0] - 1e-3,
+                                                        "hi": diffs[0] + 1e-3, "verdict": "beats"},
+                                   "the clients alone": {"most_often": 200, "diff": diffs[1], "lo": diffs[1] - 1e-3,
+                                                         "hi": diffs[1] + 1e-3,
+                                                         "verdict": "no difference detected with"}}}
+    curve = {"label_names_client": False, "chance": 0.4, "points": [
+        {"t": t, "accuracy": a, "se": 0.01} for t, a in [(0, 0.96), (200, 0.8), (300, 0.65), (500, 0.47)]]}
+    verdict = {"own_images": record("Inception KID x1e3", 500, [500], (-5.4e-3, 0.7e-3)),
+               "inception_kid": {"own_images": record("Inception KID x1e3", 0, [0, 200], (-0.1e-3, -2.4e-3))},
+               "distinguishability": curve}
+    for name, v in (("r2", verdict), ("old", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"seeds": 5, "verdict": v}))
+    lines = own_table([tmp_path / "r2", tmp_path / "old"]).splitlines()
+    assert lines[2] == ("| r2 | Inception KID x1e3 | 10.6 | 500 (5 of 5) | 500 | 500 (among them) | 200 | "
+                        "beats -5.40 [-6.40, -4.40] | n.d. +0.70 [-0.30, +1.70] | 10.6 | 0 (5 of 5) | 0, 200 | 200 | "
+                        "beats -0.10 [-1.10, +0.90] | n.d. -2.40 [-3.40, -1.40] |")
+    assert lines[3] == "| old |" + " - |" * 14
+    assert {line.count("|") for line in lines} == {16}

@@ -14,7 +14,8 @@ cut of the best sample quality: where the clients share what they draw and diffe
 conditioned on the letter, 200 rounds), one global model drew the best letters by the primary metric and mixed
 every client's style. The threshold was fitted on R2 before R3 was run; R3 failed the quality prediction and
 passed the personalisation one. Where the label alone names the client, nothing is left to tell apart beyond it:
-r = 0 and the rule gives 0 (R1: 0 ties the best quality; client agreement 97.8% against 99.2% at the best cut),
+r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality, but on each client's own images a split at 200
+beats it; client agreement 97.8% against 99.2% at the best cut),
 and the choice is one of compute and disclosure, which the table beside it shows for every t.
 
 "How sure": r(t) is a ratio of held-out accuracies, each with a binomial standard error; the recommendation
@@ -75,8 +76,9 @@ def choose(curve: dict[str, Any], threshold: float = THRESHOLD) -> dict[str, Any
         return {"t_zeta": 0, "settled": True, "could_be": [0],
                 "reason": "each class label belongs to one client, so the label sent with an upload names the client "
                           "at every noise level and nothing else is left to tell apart: every cut from 0 to 500 "
-                          "tied in quality in the study's R1 (the clients alone lost); choose the cut by what the "
-                          "clients can compute and what they may disclose"}
+                          "tied in pooled quality in the study's R1 (the clients alone lost), though on each "
+                          "client's own images a split at 100 or 200 was closer than one global model; choose the "
+                          "cut by what the clients can compute and what they may disclose"}
     rs = remaining(curve)
     points = curve["points"]
     a0, c = points[0]["accuracy"], curve["chance"]

@@ -21,7 +21,18 @@ import numpy as np
 
 from .. import config as config_mod
 from ..errors import CollafuseError, ConfigError
-from .paired import MEASURES, Measure, Paired, choose_primary, crossfit_best, get, paired, seed_values, separation
+from .paired import (
+    MEASURES,
+    Measure,
+    Paired,
+    choose_primary,
+    client_mean_values,
+    crossfit_best,
+    get,
+    paired,
+    seed_values,
+    separation,
+)
 from .runner import STUDY_OVERRIDES, parse_cuts, run_study_folder, runs_at_once
 
 QUICK_OVERRIDES = ["train.rounds=150", "eval.inception=\"off\"", "eval.n_per_client=64"]
@@ -367,12 +378,92 @@ def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, al
     values = {a.t_zeta: v for a in arms if a.kind == "cut" and (v := seed_values(runs[a.setting], AGREEMENT))}
     if len(values) > 1:
         top = max(values, key=lambda t: float(np.mean(list(values[t].values()))))
-        kept = sorted(t for t, v in values.items()
-                      if t == top or (q := paired(v, values[top])) is None or q.verdict(True) != "loses to")
+        kept = _not_worse(values, top, higher_is_better=True)
         lines += [f"- Highest client agreement among the cuts: t_zeta = {top}; cuts that do not lose to it "
                   f"(paired): {kept}.", ""]
         return rows, {"most": top, "not_worse": kept}
     return rows, None
+
+
+def _not_worse(values: dict[int, dict[str, float]], top: int, higher_is_better: bool = False) -> list[int]:
+    """The cuts of ``values`` ({cut: per-seed values}) whose paired interval against cut ``top`` does not say they
+    lose to it (``top`` included)."""
+    return sorted(t for t, v in values.items() if t == top or (q := paired(v, values[top])) is None
+                  or q.verdict(higher_is_better) != "loses to")
+
+
+def _own_images(runs: dict[str, list[dict]], arms: list[Arm], m: Measure, clients: list[str], glob: str,
+                alone: str, T: int, lines: list[str], partial: bool = False) -> dict[str, Any] | None:
+    """The primary metric of each client's samples against its own held-out images, averaged over the clients
+    (:func:`collafuse.studies.paired.client_mean_values`), for every arm, beside its real floor (the mean of the
+    clients' floors); each arm against one global model and the clients alone, the best cut of all and the best
+    small cut, each picked for every seed on the other seeds (lower is better); appended to ``lines``. Where the
+    clients differ in what they draw, a pooled figure cannot see whether each client gets its own kind of image;
+    this can. ``partial``: ``arms`` are those that have ``m`` (a figure computed for a study's final arms only), so
+    its best cut is the best of those."""
+    vals = {a.setting: v for a in arms if len(v := client_mean_values(runs[a.setting], m, clients)) >= 2}
+    if len(clients) < 2 or glob not in vals or alone not in vals:
+        return None
+    sc = m.scale
+    floor = client_mean_values(runs[alone], m, clients, "floor")
+    sep = paired(vals[alone], floor)
+    z = None if sep is None else (sep.diff / sep.se if sep.se > 0 else math.inf)
+    lines += [f"Each client's own images: {m.label} of each client's samples against its own held-out images, the "
+              f"mean over the {len(clients)} clients (a pooled figure cannot see whether each client gets its own "
+              f"kind of image, since a model that draws every client's kind in the pooled proportions reads well "
+              f"on it); each arm minus one global model / minus the clients alone, 95% interval over the paired "
+              f"seeds (lower is better)"
+              + (f"; the clients alone read {sep.diff * sc:.3f} ± {sep.se * sc:.3f} above the clients' real floors "
+                 f"({z:.1f} standard errors)" if sep else "") + ":", "",
+              "| arm | mean ± 95% interval | real floor | against one global model | against the clients alone |",
+              "|---|---|---|---|---|"]
+    out: dict[str, Any] = {"measure": m.key, "label": m.label, "scale": sc, "clients": clients,
+                           "separation": None if sep is None else {"excess": sep.diff, "se": sep.se, "z": z,
+                                                                  "seeds": sep.n},
+                           "arms": {}, "comparisons": []}
+    for a in arms:
+        if a.setting not in vals:
+            continue
+        mine = list(vals[a.setting].values())
+        fl = list(client_mean_values(runs[a.setting], m, clients, "floor").values())
+        stat = (float(np.mean(mine)), float(np.std(mine, ddof=1)), len(mine))
+        cells = []
+        for b in (glob, alone):
+            p = None if a.setting == b else paired(vals[a.setting], vals[b])
+            cells.append(_cell(p, sc))
+            if p is not None:
+                out["comparisons"].append(_cmp_row(f"{a.setting} - {b}", a.setting, b, p, m, "mean"))
+        out["arms"][a.setting] = {"label": a.label(T), "t_zeta": a.t_zeta, "kind": a.kind, "mean": stat[0],
+                                  "sd": stat[1], "seeds": stat[2], "ci95": ci95(stat),
+                                  "floor": float(np.mean(fl)) if fl else math.nan}
+        lines.append(f"| {a.label(T)} | {stat[0] * sc:.3f} ± {ci95(stat) * sc:.3f} | "
+                     f"{out['arms'][a.setting]['floor'] * sc:.3f} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    cuts = {a.t_zeta: vals[a.setting] for a in arms if a.kind == "cut" and a.setting in vals}
+    overall = crossfit_best(cuts, vals[glob]) if len(cuts) > 1 else None
+    if overall is not None:
+        tied = _not_worse(cuts, overall["most_often"])
+        out["best_cut"] = {"most_often": overall["most_often"], "counts": overall["counts"], "not_worse": tied}
+        lines.append(f"- The best {'of the cuts it was computed for' if partial else 'cut of all'} on each "
+                     f"client's own images ({m.label}), picked for each seed on the other seeds: "
+                     f"t_zeta = {overall['most_often']} ({overall['counts'][overall['most_often']]} of "
+                     f"{len(overall['picked'])} picks); cuts that do not lose to it (paired): {tied}.")
+    small = {t: v for t, v in cuts.items() if small_cut(t, T)}
+    best = {}
+    for name, b in (("one global model", glob), ("the clients alone", alone)):
+        res = crossfit_best(small, vals[b]) if small else None
+        if res is not None:
+            p = res["paired"]
+            best[name] = {"most_often": res["most_often"], "picked": res["picked"], "diff": p.diff, "lo": p.lo,
+                          "hi": p.hi, "se": p.se, "seeds": p.n, "detectable": p.detectable, "verdict": p.verdict()}
+    if best:
+        out["best_small_cut"] = best
+        lines.append(f"- The best small cut on each client's own images ({m.label}), picked for each seed on the "
+                     f"other seeds (t_zeta = {next(iter(best.values()))['most_often']} most often): "
+                     + "; ".join(f"{v['verdict']} {name} ({v['diff'] * sc:+.3f} [{v['lo'] * sc:+.3f}, "
+                                 f"{v['hi'] * sc:+.3f}])" for name, v in best.items()) + ".")
+    lines.append("")
+    return out
 
 
 INCEPTION_KID = next(m for m in MEASURES if m.key == "fid_kid")
@@ -541,9 +632,13 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                      for c in clients]
             lines.append(f"| {a.t_zeta} | " + " | ".join(cells) + " |")
     lines.append("")
+    own = _own_images(runs, all_arms, m, clients, glob, alone, T, lines)
     agreement, agreement_best = _agreement_table(runs, all_arms, glob, alone, T, lines)
     inception = None if m.key == INCEPTION_KID.key else _partial_measure(runs, all_arms, INCEPTION_KID, glob, alone,
                                                                           T, lines)
+    if inception is not None:
+        inception["own_images"] = _own_images(runs, [a for a in all_arms if a.setting in inception["arms"]],
+                                              INCEPTION_KID, clients, glob, alone, T, lines, partial=True)
     curve = next((r["eval"]["distinguishability"] for rs in runs.values() for r in rs
                   if r["eval"].get("distinguishability")), None)
     return lines, {"primary": primary["measure"].key if primary["measure"] else None, "measure": m.key,
@@ -551,7 +646,7 @@ def paired_verdict(meta: dict, runs: dict[str, list[dict]]) -> tuple[list[str], 
                    "candidates": primary["candidates"], "comparisons": comparisons, "best_small_cut": best,
                    "best_cut": None if overall is None else {"most_often": overall["most_often"],
                                                               "counts": overall["counts"], "not_worse": tied},
-                   "client_agreement": agreement, "client_agreement_best": agreement_best,
+                   "own_images": own, "client_agreement": agreement, "client_agreement_best": agreement_best,
                    "inception_kid": inception,
                    "distinguishability": None if curve is None else {
                        k: curve.get(k) for k in ("label_names_client", "indistinguishable_from", "chance",

@@ -216,11 +216,13 @@ def _plots(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> list[str
     return names
 
 
-def _partial_plot(part: dict[str, Any] | None, out: Path) -> bool:
-    """A figure computed for some arms only (:func:`collafuse.studies.cuts._partial_measure`): each arm's mean with
-    its 95% interval over seeds, beside the real floor."""
-    if not part:
-        return False
+def _partial_plot(part: dict[str, Any] | None, out: Path, name: str | None = None, title: str | None = None,
+                  what: str = "pooled") -> str | None:
+    """Each arm's mean with its 95% interval over seeds beside the real floor, for a figure computed for some
+    arms only (:func:`collafuse.studies.cuts._partial_measure`) or on each client's own images
+    (:func:`collafuse.studies.cuts._own_images`); the file name written (under ``out``), or None."""
+    if not part or not part.get("arms"):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,16 +234,17 @@ def _partial_plot(part: dict[str, Any] | None, out: Path) -> bool:
     fig, ax = plt.subplots(figsize=(1.2 * len(arms) + 3, 4.2), dpi=110)
     x = np.arange(len(arms))
     ax.errorbar(x, [sc * a["mean"] for a in arms], yerr=[sc * a["ci95"] for a in arms], ls="none", marker="o",
-                capsize=4, color="black", label="pooled (mean, 95% interval over seeds)")
+                capsize=4, color="black", label=f"{what} (mean, 95% interval over seeds)")
     floor = float(np.mean([a["floor"] for a in arms]))
     ax.axhline(sc * floor, color="gray", ls=":", lw=1.5, label="real floor (halves of the held-out images)")
     ax.set_xticks(x, [a["label"] for a in arms], fontsize=8, rotation=15)
     ax.set_ylabel(f"{part['label']} (lower is better)")
-    ax.set_title(f"{part['label']} on the arms where it was computed", fontsize=10)
+    ax.set_title(title or f"{part['label']} on the arms where it was computed", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    save_figure(fig, out / f"{part['measure']}.png")
-    return True
+    name = name or f"{part['measure']}.png"
+    save_figure(fig, out / name)
+    return name
 
 
 def _paired_plot(summary: dict, meta: dict, out: Path) -> bool:
@@ -348,8 +351,12 @@ def report(sweep_dir: Path, out: Path | None = None) -> Path:
     lines += verdict_lines
     if _paired_plot(verdict_summary, meta, out / "plots"):
         lines += ["![paired differences](plots/paired.png)", ""]
-    if _partial_plot(verdict_summary.get("inception_kid"), out / "plots"):
-        lines += [f"![Inception KID](plots/{verdict_summary['inception_kid']['measure']}.png)", ""]
+    own = verdict_summary.get("own_images")
+    if own_plot := _partial_plot(own, out / "plots", "own_images.png", f"{own['label']} of each client's samples "
+                                 f"against its own images" if own else None, "mean over the clients"):
+        lines += [f"![each client's own images](plots/{own_plot})", ""]
+    if inception_plot := _partial_plot(verdict_summary.get("inception_kid"), out / "plots"):
+        lines += [f"![Inception KID](plots/{inception_plot})", ""]
     lines += ["", "## Client compute and communication", "",
               "| arm | client share of network evaluations | client sampling seconds per image | "
               "bytes a client sends per round |", "|---|---|---|---|"]

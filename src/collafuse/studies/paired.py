@@ -71,6 +71,20 @@ def seed_values(runs: list[dict], path: str) -> dict[str, float]:
     return out
 
 
+def client_mean_values(runs: list[dict], measure: Measure, clients: list[str], part: str = "matched"
+                       ) -> dict[str, float]:
+    """{seed folder name: the mean over ``clients`` of ``measure`` of each client's samples against its own held-out
+    images} for the runs where every client has a finite value. A pooled figure compares all samples with all
+    held-out images, so a model that draws every client's kind of image in the pooled proportions reads well on it
+    though no client gets its own; this mean does not."""
+    out = {}
+    for r in runs:
+        v = [get(r, measure.path(part, c)) for c in clients]
+        if clients and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            out[r["dir"].name] = float(np.mean(v))
+    return out
+
+
 @dataclass(frozen=True)
 class Paired:
     """mean(a - b) over the seeds both have, its standard error, 95% interval and smallest detectable size."""

@@ -39,12 +39,7 @@ def table(folders: list[Path]) -> str:
     """The Markdown table of the regimes whose report folders (with summary.json) are given."""
     rows = []
     for folder in folders:
-        path = Path(folder) / "summary.json"
-        if not path.exists():
-            raise CollafuseError(f"{folder} has no summary.json; make it with 'collafuse report SWEEP --out {folder}'")
-        summary = json.loads(path.read_text())
-        if not isinstance(summary, dict) or "verdict" not in summary:
-            raise CollafuseError(f"{path} was written before the paired verdict; rerun 'collafuse report' on its sweep")
+        summary = _summary(folder)
         v = summary["verdict"]
         best = v.get("best_small_cut") or {}
         scale = v.get("scale", 1.0)
@@ -72,6 +67,58 @@ def table(folders: list[Path]) -> str:
             "best small cut | " + " | ".join(f"against {b}" for b in BASELINE_ORDER)
             + " | Inception KID x1e3: the best small cut against one global model / the clients alone |")
     return "\n".join([head, "|---" * (11 + len(BASELINE_ORDER)) + "|", *rows])
+
+
+def own_table(folders: list[Path]) -> str:
+    """The second table: each client's samples against its own held-out images, the primary metric averaged over
+    the clients (``verdict.own_images`` of each summary.json), where a pooled figure cannot see personalisation;
+    and the same on Inception KID where the regime has it for its final arms only."""
+    rows = []
+    for folder in folders:
+        v = _summary(folder)["verdict"]
+        part = (v.get("inception_kid") or {}).get("own_images")
+        rows.append(f"| {Path(folder).name} | {_own_cells(v.get('own_images'), v.get('distinguishability'))} | "
+                    f"{_own_cells(part, None, partial=True)} |")
+    head = ("| regime | metric | clients alone above the floors (SE) | best cut of all (picks) | cuts not worse than "
+            "it | the rule's cut | best small cut | against one global model | against the clients alone | "
+            "Inception KID x1e3 (final arms only): clients alone above the floors (SE) | best of those cuts (picks) | "
+            "not worse | best small cut | against one global model | against the clients alone |")
+    return "\n".join([head, "|---" * 15 + "|", *rows])
+
+
+def _own_cells(own: dict | None, curve: dict | None, partial: bool = False) -> str:
+    """The cells of :func:`own_table` for one ``own_images`` record (the rule's column only where not ``partial``)."""
+    n = 6 if partial else 8
+    if not own:
+        return " | ".join(["-"] * n)
+    sc = own["scale"]
+    sep = own.get("separation")
+    overall = own.get("best_cut")
+    picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
+                                     f" of {sum(overall['counts'].values())})")
+    tied = (overall or {}).get("not_worse")
+    best = own.get("best_small_cut") or {}
+    most = next(iter(best.values()))["most_often"] if best else "-"
+    cells = [own["label"] if not partial else "", "-" if not sep else f"{sep['z']:.1f}", picks, _cuts(tied)]
+    if not partial:
+        arms = {int(a["t_zeta"]) for a in own["arms"].values() if a.get("kind") == "cut"}
+        cells.append(_rule(curve, tied, arms))
+    cells.append(f"{most}")
+    for name in ("one global model", "the clients alone"):
+        b = best.get(name)
+        cells.append("-" if b is None else f"{WORD[b['verdict']]} {b['diff'] * sc:+.2f} [{b['lo'] * sc:+.2f}, "
+                                           f"{b['hi'] * sc:+.2f}]")
+    return " | ".join(cells[1:] if partial else cells)
+
+
+def _summary(folder: Path) -> dict:
+    path = Path(folder) / "summary.json"
+    if not path.exists():
+        raise CollafuseError(f"{folder} has no summary.json; make it with 'collafuse report SWEEP --out {folder}'")
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict) or "verdict" not in summary:
+        raise CollafuseError(f"{path} was written before the paired verdict; rerun 'collafuse report' on its sweep")
+    return summary
 
 
 def _inception(part: dict | None, cut: int | str, T: int | None) -> str:
@@ -111,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(table(args.folders))
+        print("\nEach client's own images (the primary metric of each client's samples against its own held-out "
+              "images, the mean over the clients):\n")
+        print(own_table(args.folders))
     except CollafuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
