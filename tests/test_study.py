@@ -297,12 +297,13 @@ def test_a_steps_budget_gives_every_arm_the_optimiser_steps_of_a_split_arm(tmp_p
     assert rounds["fedavg_finetune"] == rounds["fedavg"]
 
 
-@pytest.mark.parametrize("name", ["r1-digits-conditional", "r2-digits-unconditional", "r3-glyphs-style"])
+@pytest.mark.parametrize("name", ["r1-digits-conditional", "r2-digits-unconditional", "r3-glyphs-style",
+                                  "r4-glyphs-weight"])
 def test_the_study_configs_load_and_differ_only_where_the_regimes_do(name: str) -> None:
-    """The three regimes of the powered study: each a valid config with 300 samples per client, evaluated
+    """The four regimes of the powered study: each a valid config with 300 samples per client, evaluated
     with the sampler the benchmark certified, and the conditioning its regime needs."""
     root = Path(__file__).resolve().parents[1] / "configs" / "study"
     cfg = config.load(root / f"{name}.toml")
     assert cfg.eval.n_per_client >= 300 and (cfg.eval.sampler, cfg.eval.steps) == ("sde-dpmsolver++", 50)
     assert cfg.model.conditional == (name != "r2-digits-unconditional")
-    assert cfg.data.name == ("glyphs" if name.startswith("r3") else "digits")
+    assert cfg.data.name == ("glyphs" if name.startswith(("r3", "r4")) else "digits")
