@@ -70,3 +70,30 @@ def test_client_agreement_names_each_clients_samples() -> None:
     assert clf.test_accuracy == 1.0
     assert clf.agreement(torch.full((10, 1, 8, 8), 0.9), 1) == 1.0
     assert clf.agreement(torch.full((10, 1, 8, 8), -0.9), 1) == 0.0
+
+
+def test_the_curve_does_not_depend_on_the_thread_count_and_its_error_holds_the_fit() -> None:
+    """The glyphs' style clients at t = 200, where a fit under two BLAS threads scores 0.6455 and one under one
+    thread 0.646 (checked with the thread limit taken out): the curve fits on one thread whatever the caller's
+    setting, so both settings give the same points. Each point's standard error joins the held-out images'
+    binomial error and the spread of the fits over sqrt(fits); one fit has no spread to add."""
+    from threadpoolctl import threadpool_limits
+
+    from collafuse import config
+    from collafuse.data import load_section
+
+    data = load_section(config.load(None, ['data.name="glyphs"', "data.image_size=16"]).data)
+    schedule = NoiseSchedule.linear(1000)
+    runs = []
+    for threads in (2, 1):
+        with threadpool_limits(threads):
+            runs.append(distinguishability(data, schedule, given_label=True, ts=[200], seed=0, fits=2))
+    assert runs[0]["points"] == runs[1]["points"]
+    p = runs[0]["points"][0]
+    assert len(p["fits"]) == 2 and p["accuracy"] == pytest.approx(sum(p["fits"]) / 2)
+    assert p["se"] == pytest.approx(math.sqrt(p["se_test"] ** 2 + p["fit_sd"] ** 2 / 2))
+    assert p["se_test"] == pytest.approx(math.sqrt(p["accuracy"] * (1 - p["accuracy"]) / runs[0]["test_images"]))
+    one = distinguishability(black_and_white(300, 200), schedule, given_label=False, ts=[1000], fits=1)["points"][0]
+    assert one["fit_sd"] == 0.0 and one["se"] == one["se_test"]
+    with pytest.raises(ValueError, match="at least one classifier"):
+        distinguishability(black_and_white(30, 20), schedule, given_label=False, ts=[0], fits=0)

@@ -18,7 +18,9 @@ r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality, but on each clie
 beats it; client agreement 97.8% against 99.2% at the best cut),
 and the choice is one of compute and disclosure, which the table beside it shows for every t.
 
-"How sure": r(t) is a ratio of held-out accuracies, each with a binomial standard error; the recommendation
+"How sure": r(t) is a ratio of held-out accuracies, each with a standard error that holds the held-out images'
+binomial noise and the spread of three classifier fits (:func:`metrics.distinguish.distinguishability`); the
+recommendation
 is *settled* when r at the chosen t is below the threshold with 95% confidence and r at the grid point before
 it above; else the output names the grid points it could move to within the intervals. The curve is one data
 split's; another split moves r by as much as its interval says (R2: r(300) was 0.45 on one seed, 0.32 on another).
@@ -50,7 +52,7 @@ def _check_threshold(threshold: float) -> None:
 
 
 def remaining(curve: dict[str, Any]) -> list[dict[str, Any]]:
-    """r(t) with a 95% interval (delta method on the two accuracies' binomial errors) at every point of a
+    """r(t) with a 95% interval (delta method on the two accuracies' standard errors) at every point of a
     distinguishability curve; r = 0 everywhere where the label names the client."""
     points = curve.get("points") or []
     if curve.get("label_names_client") or not points:
