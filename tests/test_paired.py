@@ -203,6 +203,9 @@ def test_the_regimes_table_reads_every_figure_from_the_summaries(tmp_path: Path)
     verdict["best_cut"]["not_worse"] = [1000]
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
     assert "| 500 (outside them) |" in table([tmp_path / "r2"])
+    verdict["best_cut"]["not_worse"] = [200, 500, 1000]  # a smaller cut ties: the rule was more cautious than needed
+    (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))
+    assert "| 500 (among them; smaller: 200) |" in table([tmp_path / "r2"])
     verdict["distinguishability"]["points"][3]["accuracy"] = 0.55  # r(500) = 0.27: the rule goes on to 1000
     verdict["distinguishability"]["points"].insert(4, {"t": 750, "accuracy": 0.41, "se": 0.01})
     (tmp_path / "r2" / "summary.json").write_text(json.dumps({"seeds": 5, "arms": arms, "verdict": verdict}))

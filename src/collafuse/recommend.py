@@ -13,17 +13,20 @@ kind** (the highest client agreement of the sweep's cuts: R2 and R3 at t_zeta = 
 cut of the best sample quality: where the clients share what they draw and differ only in style (R3, glyphs
 conditioned on the letter, 200 rounds), one global model drew the best letters by the primary metric and mixed
 every client's style. The threshold was fitted on R2 before R3 was run; R3 failed the quality prediction and
-passed the personalisation one. Where the label alone names the client, nothing is left to tell apart beyond it:
-r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality, but on each client's own images a split at 200
-beats it; client agreement 97.8% against 99.2% at the best cut),
-and the choice is one of compute and disclosure, which the table beside it shows for every t.
+passed the personalisation one. R4 (clients that differ in stroke weight), run to test the personalisation
+reading where the rule gives 750, failed it: 500 kept each client's weight as well (client agreement 93.8% against
+92.7% at 750), so the rule can be one grid step too cautious; a threshold of about 0.45 would fit R2 to R4, but
+that is fitted after the fact and untested. Where the label alone names the client, nothing is left to tell
+apart beyond it: r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality, but on each client's own images
+a split at 200 beats it; client agreement 97.8% against 99.2% at the best cut), and the choice is one of compute
+and disclosure, which the table beside it shows for every t.
 
 "How sure": r(t) is a ratio of held-out accuracies, each with a standard error that holds the held-out images'
 binomial noise and the spread of three classifier fits (:func:`metrics.distinguish.distinguishability`); the
-recommendation
-is *settled* when r at the chosen t is below the threshold with 95% confidence and r at the grid point before
-it above; else the output names the grid points it could move to within the intervals. The curve is one data
-split's; another split moves r by as much as its interval says (R2: r(300) was 0.45 on one seed, 0.32 on another).
+recommendation is *settled* when r at the chosen t is below the threshold with 95% confidence and r at the grid
+point before it above; else the output names the grid points it could move to within the intervals. The curve is
+one data split's; another split moves r by as much as its interval says (R2: r(300) was 0.45 on one seed, 0.32
+on another).
 """
 
 from __future__ import annotations
@@ -189,7 +192,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"recommended cut: t_zeta = {result['t_zeta']} of {result['T']}: {result['reason']}",
              "what it gives: from this cut up each client's samples are of its own kind (the study's R2, R3); a "
              "smaller cut shares more and may draw better images of what the clients have in common, with their "
-             "kinds mixed (R3: one global model drew the best letters) (docs/results/README.md)",
+             "kinds mixed (R3: one global model drew the best letters); it can be a grid step too cautious (R4: it "
+             "said 750, and 500 kept the clients' stroke weight) (docs/results/README.md)",
              "settled: r's 95% interval clears the threshold on both sides of the pick" if result["settled"] else
              f"not settled: within the 95% intervals the cut could be any of {result['could_be']}", "",
              f"| t | accuracy (chance {num(result['chance'], '.2f')}) | remaining difference r [95%] | "

@@ -139,7 +139,7 @@ def _cuts(tied: list[int] | None) -> str:
 
 def _rule(curve: dict | None, tied: list[int] | None, cut_arms: set[int]) -> str:
     """The recommendation rule's cut from the regime's curve, and whether it is among the cuts not worse than
-    the best (not testable where the rule's cut was not an arm of the sweep)."""
+    the best, naming those smaller than it (not testable where the rule's cut was not an arm of the sweep)."""
     from ..recommend import choose
 
     if not curve or (not curve.get("label_names_client") and not curve.get("points")):
@@ -147,8 +147,9 @@ def _rule(curve: dict | None, tied: list[int] | None, cut_arms: set[int]) -> str
     t = choose(curve)["t_zeta"]
     if tied is None:
         return f"{t}"
-    if t in tied:
-        return f"{t} (among them)"
+    if t in tied:  # the rule claims the smallest cut that keeps the clients' kinds: say where a smaller one tied
+        smaller = [c for c in tied if c < t]
+        return f"{t} (among them)" if not smaller else f"{t} (among them; smaller: {_cuts(smaller)})"
     return f"{t} (outside them)" if t in cut_arms else f"{t} (not an arm of the sweep)"
 
 
