@@ -15,11 +15,11 @@ conditioned on the letter, 200 rounds), one global model drew the best letters b
 every client's style. The threshold was fitted on R2 before R3 was run; R3 failed the quality prediction and
 passed the personalisation one. R4 (clients that differ in stroke weight), run to test the personalisation
 reading where the rule gives 750, failed it: 500 kept each client's weight as well (client agreement 93.8% against
-92.7% at 750), so the rule can be one grid step too cautious; a threshold of about 0.45 would fit R2 to R4, but
-that is fitted after the fact and untested. Where the label alone names the client, nothing is left to tell
-apart beyond it: r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality, but on each client's own images
-a split at 200 beats it; client agreement 97.8% against 99.2% at the best cut), and the choice is one of compute
-and disclosure, which the table beside it shows for every t.
+92.7% at 750), so the rule can be one grid step too cautious; a threshold of about 0.4 would fit R2 and R4 but
+pick 300 on R3, where no sweep ran it: fitted after the fact and untested. Where the label alone names the
+client, nothing is left to tell apart beyond it: r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality,
+but on each client's own images a split at 200 beats it; client agreement 97.8% against 99.2% at the best cut),
+and the choice is one of compute and disclosure, which the table beside it shows for every t.
 
 "How sure": r(t) is a ratio of held-out accuracies, each with a standard error that holds the held-out images'
 binomial noise and the spread of three classifier fits (:func:`metrics.distinguish.distinguishability`); the

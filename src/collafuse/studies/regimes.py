@@ -9,7 +9,9 @@ choose`) and whether it lies among those cuts; the same for client agreement (th
 cut whose samples a classifier most often gives to their own client); the best small cut, and against each
 baseline whether the best small cut beats it, loses to it or shows no difference, with the paired 95% interval of
 the primary metric; and where the regime's final arms have Inception KID, the same for the best small cut against
-one global model and the clients alone on it.
+one global model and the clients alone on it. A second table (:func:`own_table`) gives the same for each client's
+samples against its own held-out images, averaged over the clients, where a pooled figure cannot see whether each
+client gets its own kind of image.
 """
 
 from __future__ import annotations
@@ -43,15 +45,10 @@ def table(folders: list[Path]) -> str:
         v = summary["verdict"]
         best = v.get("best_small_cut") or {}
         scale = v.get("scale", 1.0)
-        cells = []
-        for name in BASELINE_ORDER:
-            b = best.get(name)
-            cells.append("-" if b is None else f"{WORD[b['verdict']]} {b['diff'] * scale:+.2f} "
-                                                f"[{b['lo'] * scale:+.2f}, {b['hi'] * scale:+.2f}]")
+        cells = [_verdict(best.get(name), scale) for name in BASELINE_ORDER]
         most = next(iter(best.values()))["most_often"] if best else "-"
         overall = v.get("best_cut")
-        picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
-                                         f" of {sum(overall['counts'].values())})")
+        picks = _picks(overall)
         tied = (overall or {}).get("not_worse")
         agree = v.get("client_agreement_best")
         cut_arms = {a.get("t_zeta") for a in summary.get("arms", []) if a.get("kind") == "cut"}
@@ -88,27 +85,33 @@ def own_table(folders: list[Path]) -> str:
 
 def _own_cells(own: dict | None, curve: dict | None, partial: bool = False) -> str:
     """The cells of :func:`own_table` for one ``own_images`` record (the rule's column only where not ``partial``)."""
-    n = 6 if partial else 8
     if not own:
-        return " | ".join(["-"] * n)
-    sc = own["scale"]
-    sep = own.get("separation")
-    overall = own.get("best_cut")
-    picks = "-" if not overall else (f"{overall['most_often']} ({overall['counts'][str(overall['most_often'])]}"
-                                     f" of {sum(overall['counts'].values())})")
+        return " | ".join(["-"] * (6 if partial else 8))
+    sep, overall = own.get("separation"), own.get("best_cut")
     tied = (overall or {}).get("not_worse")
     best = own.get("best_small_cut") or {}
-    most = next(iter(best.values()))["most_often"] if best else "-"
-    cells = [own["label"] if not partial else "", "-" if not sep else f"{sep['z']:.1f}", picks, _cuts(tied)]
+    cells = ([] if partial else [own["label"]]) + ["-" if not sep else f"{sep['z']:.1f}", _picks(overall),
+                                                   _cuts(tied)]
     if not partial:
         arms = {int(a["t_zeta"]) for a in own["arms"].values() if a.get("kind") == "cut"}
         cells.append(_rule(curve, tied, arms))
-    cells.append(f"{most}")
-    for name in ("one global model", "the clients alone"):
-        b = best.get(name)
-        cells.append("-" if b is None else f"{WORD[b['verdict']]} {b['diff'] * sc:+.2f} [{b['lo'] * sc:+.2f}, "
-                                           f"{b['hi'] * sc:+.2f}]")
-    return " | ".join(cells[1:] if partial else cells)
+    cells.append(f"{next(iter(best.values()))['most_often']}" if best else "-")
+    cells += [_verdict(best.get(name), own["scale"]) for name in ("one global model", "the clients alone")]
+    return " | ".join(cells)
+
+
+def _verdict(b: dict | None, scale: float) -> str:
+    """'beats -2.10 [-3.50, -0.70]' for a paired comparison record (diff, lo, hi and verdict), or '-'."""
+    return "-" if b is None else (f"{WORD[b['verdict']]} {b['diff'] * scale:+.2f} [{b['lo'] * scale:+.2f}, "
+                                  f"{b['hi'] * scale:+.2f}]")
+
+
+def _picks(overall: dict | None) -> str:
+    """'500 (4 of 5)': the best cut of all and how many of the leave-one-out picks chose it."""
+    if not overall:
+        return "-"
+    top = overall["most_often"]
+    return f"{top} ({overall['counts'][str(top)]} of {sum(overall['counts'].values())})"
 
 
 def _summary(folder: Path) -> dict:
@@ -127,10 +130,7 @@ def _inception(part: dict | None, cut: int | str, T: int | None) -> str:
     if not part or not isinstance(cut, int) or T is None:
         return "-"
     found = {c["b"]: c for c in part["comparisons"] if c["a"] == f"cut_{cut:04d}" and "diff" in c}
-    sc = part["scale"]
-    return " / ".join("-" if b not in found else f"{WORD[found[b]['verdict']]} {found[b]['diff'] * sc:+.2f} "
-                                                 f"[{found[b]['lo'] * sc:+.2f}, {found[b]['hi'] * sc:+.2f}]"
-                      for b in ("cut_0000", f"cut_{T:04d}"))
+    return " / ".join(_verdict(found.get(b), part["scale"]) for b in ("cut_0000", f"cut_{T:04d}"))
 
 
 def _cuts(tied: list[int] | None) -> str:
