@@ -144,6 +144,52 @@ def describe(pids) -> list[str]:
     return out
 
 
+def _stat(pid: int) -> tuple[int, str] | None:
+    """A running process's parent and start time (clock ticks since boot); None if gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (int(fields[1]), fields[19])
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every running descendant of ``pid``, by parent links, with its start time: found whatever a process
+    did to its environment (Ray's agents write their title over it)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None:
+            parents[int(d.name)] = st
+    found, frontier = {}, {pid}
+    while frontier:
+        frontier = {p for p, (pp, _s) in parents.items() if pp in frontier and p not in found}
+        found.update({p: parents[p][1] for p in frontier})
+    return found
+
+
+def still_running(seen: dict[int, str]) -> dict[int, str]:
+    """Those of ``seen`` (pid -> start time) that still run, with their command lines (a reused number has
+    another start time and is not counted)."""
+    left = {}
+    for pid, start in seen.items():
+        st = _stat(pid)
+        if st is not None and st[1] == start:
+            try:
+                left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return left
+
+
+def kill_pids(seen: dict[int, str]) -> None:
+    """SIGKILL those of ``seen`` that a failed test left running."""
+    for pid in still_running(seen):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def kill_tagged(tag: str) -> None:
     """SIGKILL whatever a failed test left running."""
     for pid in tagged_processes(tag):

@@ -36,11 +36,14 @@ from support import (
     EXACT_DB,
     HONEST_MARGIN_DB,
     REPRODUCIBLE,
+    descendants,
     describe,
+    kill_pids,
     kill_tagged,
     make_certificates,
     make_node_key,
     read_events,
+    still_running,
     tagged_processes,
     wait_until_gone,
 )
@@ -425,9 +428,12 @@ time.sleep(3600)  # killed here, once the apps run
 """
 
 
-def _sigkill_when(cmd: list[str], tag: str, ready, env: dict[str, str], timeout: float = 600) -> dict[int, str]:
+def _sigkill_when(cmd: list[str], tag: str, ready, env: dict[str, str],
+                  timeout: float = 600) -> tuple[dict[int, str], dict[int, str]]:
     """Start ``cmd`` tagged ``tag``; once ``ready(processes)`` holds for its running descendants, SIGKILL it
-    (only it); returns the descendants that were running just before."""
+    (only it). Returns the tagged descendants that were running just before (pid -> command line), and every
+    descendant by parent links (pid -> start time): Ray's agents write their title over their environment,
+    so the test tag alone can miss them."""
     proc = subprocess.Popen(cmd, env={**env, "COLLAFUSE_TEST_TAG": tag}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -435,10 +441,20 @@ def _sigkill_when(cmd: list[str], tag: str, ready, env: dict[str, str], timeout:
         assert proc.poll() is None, f"{cmd[:3]} ended early: {proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, f"not ready within {timeout:g} s: {sorted(before.values())}"
         time.sleep(0.5)
+    tree = descendants(proc.pid)
     proc.kill()
     proc.wait()
     proc.stderr.close()
-    return before
+    return before, tree
+
+
+def _outlived(tag: str, tree: dict[int, str], timeout: float) -> list[str]:
+    """What still runs ``timeout`` seconds after the kill, found by the tag or by parent links, described."""
+    left = wait_until_gone(tag, timeout)
+    deadline = time.monotonic() + 10  # the watchdog itself ends last; the tag wait above has taken its time
+    while (orphans := still_running(tree)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return describe(sorted(set(left) | set(orphans)))
 
 
 def _has(procs: dict[int, str], *names: str) -> bool:
@@ -455,15 +471,16 @@ def test_a_deployment_ends_when_the_process_that_started_it_is_sigkilled(tmp_pat
 
     tag = uuid.uuid4().hex
     try:
-        before = _sigkill_when([sys.executable, "-c", _STARTER, str(tmp_path), str(PROJECT)], tag,
-                               lambda p: _has(p, "flower-superlink", "flower-supernode", "flower-superexec",
-                                              "flwr-serverapp", "flwr-clientapp", "flwr run"),
-                               quiet_env(tmp_path / "flwr_home"))
+        before, tree = _sigkill_when([sys.executable, "-c", _STARTER, str(tmp_path), str(PROJECT)], tag,
+                                     lambda p: _has(p, "flower-superlink", "flower-supernode", "flower-superexec",
+                                                    "flwr-serverapp", "flwr-clientapp", "flwr run"),
+                                     quiet_env(tmp_path / "flwr_home"))
         assert len([c for c in before.values() if "flower-supernode" in c]) == 3, before
-        left = wait_until_gone(tag, 60)
-        assert left == {}, f"outlived the SIGKILLed starter: {describe(left)}"
+        left = _outlived(tag, tree, 60)
+        assert left == [], f"outlived the SIGKILLed starter: {left}"
     finally:
         kill_tagged(tag)
+        kill_pids(tree)
 
 
 @pytest.mark.slow
@@ -477,9 +494,10 @@ def test_ray_ends_when_collafuse_run_engine_flower_is_sigkilled(tmp_path):
     cmd = [str(BIN / "collafuse"), "run", "--engine", "flower", "--quiet", "--out", str(tmp_path / "run"),
            "--set", "train.rounds=500"]
     try:
-        before = _sigkill_when(cmd, tag, lambda p: _has(p, "raylet", "gcs_server", "ray::ClientAppActor"),
-                               quiet_env(tmp_path / "flwr_home"))
-        left = wait_until_gone(tag, 60)
-        assert left == {}, f"outlived the SIGKILLed command ({len(before)} were running): {describe(left)}"
+        before, tree = _sigkill_when(cmd, tag, lambda p: _has(p, "raylet", "gcs_server", "ray::ClientAppActor"),
+                                     quiet_env(tmp_path / "flwr_home"))
+        left = _outlived(tag, tree, 60)
+        assert left == [], f"outlived the SIGKILLed command ({len(before)} were running): {left}"
     finally:
         kill_tagged(tag)
+        kill_pids(tree)

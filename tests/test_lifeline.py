@@ -1,5 +1,6 @@
 """The lifeline ends what a process started when that process ends, even by SIGKILL (issue 19): process
-groups it was told of, and grandchildren that left the group but carry its tag."""
+groups it was told of, grandchildren that left the group but carry its tag, and descendants of either that
+no longer carry it (found by parent links, also once orphaned)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from collafuse.engines import lifeline
 from collafuse.engines.lifeline import Lifeline
-from support import kill_tagged, tagged_processes, wait_until_gone
+from support import descendants, kill_pids, kill_tagged, still_running, tagged_processes, wait_until_gone
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 
@@ -55,18 +56,18 @@ def _count_sleepers(running: dict[int, str]) -> int:
     return sum(c == "sleep 300 " for c in running.values())
 
 
-def test_close_ends_a_group_it_was_told_of(tag):
-    """No tag in the family's environment: the group alone is what the watchdog knows (so the grandchild that
-    left the group survives, as it would on a system without /proc)."""
+def test_close_ends_a_group_it_was_told_of_and_the_child_that_left_it(tag):
+    """No tag in the family's environment: the group is what the watchdog is told, and the grandchild that
+    left the group (setsid) is found as a child of the group's leader."""
     line = Lifeline(grace_s=0.3)
     p = _family(_tagged_env(tag))
     line.watch_group(p.pid)
     running = _sleepers(tag)
     assert _count_sleepers(running) == 2
+    assert any(os.getsid(pid) != p.pid for pid, c in running.items() if c == "sleep 300 ")  # one left the group
     line.close()
     assert p.wait(timeout=5) == -9  # it ignored SIGTERM: SIGKILL after the grace period
-    left = wait_until_gone(tag, 1)
-    assert list(left.values()) == ["sleep 300 "] and os.getsid(next(iter(left))) != p.pid
+    assert wait_until_gone(tag, 5) == {}
     assert line.proc.returncode == 0
 
 
@@ -164,3 +165,72 @@ def test_a_group_that_ended_by_itself_is_passed_over():
     assert p.wait(timeout=10) == 0  # reaped: its group number is free
     line.close()
     assert line.proc.returncode == 0
+
+
+# A tagged parent whose child leaves its group and drops the tag from its environment (as Ray's agents do when
+# they write their title over it): `env -i` starts the sleeper with an empty environment. The shell prints the
+# sleeper's number, then waits (or, with an argument, ends after that many seconds, orphaning the sleeper).
+UNTAGGED_CHILD = "env -i setsid sleep 300 & echo $!; sleep ${1:-300}; while :; do sleep 0.1; done"
+ORPHANING = "env -i setsid sleep 300 & echo $!; sleep $1"
+
+
+def _untagged_child(script: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, dict[int, str]]:
+    p = subprocess.Popen(["bash", "-c", script, "family", *args], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    deadline = time.monotonic() + 10
+    while still_running({child: descendants(p.pid).get(child, "")}).get(child) != "sleep 300 ":  # env, setsid exec
+        assert time.monotonic() < deadline, "the sleeper did not start"
+        time.sleep(0.05)
+    assert f"{lifeline.TAG}=".encode() not in Path(f"/proc/{child}/environ").read_bytes()
+    return p, {child: descendants(p.pid)[child]}
+
+
+def test_a_child_that_dropped_the_tag_ends_with_its_tagged_parent(tag):
+    line = Lifeline(grace_s=0.3)
+    p, sleeper = _untagged_child(UNTAGGED_CHILD, line.env(_tagged_env(tag)))
+    try:
+        line.close()
+        assert p.wait(timeout=10) == -15
+        assert _wait_gone(sleeper, 5) == {}
+    finally:
+        kill_pids(sleeper)
+
+
+def test_a_child_orphaned_before_the_end_is_still_ended(tag):
+    """The tagged parent ends by itself after two scan periods, leaving its untagged sleeper to init: the
+    watchdog saw the two together while the starter lived, and ends the sleeper at the end all the same."""
+    line = Lifeline(grace_s=0.3)
+    p, sleeper = _untagged_child(ORPHANING, line.env(_tagged_env(tag)), str(2 * lifeline.SCAN_S + 0.5))
+    try:
+        assert p.wait(timeout=30) == 0
+        assert still_running(sleeper), "the sleeper should outlive its parent"
+        line.close()
+        assert _wait_gone(sleeper, 5) == {}
+    finally:
+        kill_pids(sleeper)
+
+
+def test_a_number_reused_by_another_process_is_not_covered():
+    """A remembered process number whose start time differs belongs to some other process now."""
+    from collafuse.engines.lifeline import _Cover
+
+    p = subprocess.Popen(["sleep", "300"])
+    try:
+        start = descendants(os.getpid())[p.pid]
+        cover = _Cover("not-a-tag")
+        cover.known = {p.pid: str(int(start) + 1)}
+        cover.scan()
+        assert p.pid not in cover.known
+        cover.known = {p.pid: start}
+        cover.scan()
+        assert cover.known == {p.pid: start}
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _wait_gone(seen: dict[int, str], timeout: float) -> dict[int, str]:
+    deadline = time.monotonic() + timeout
+    while (left := still_running(seen)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
