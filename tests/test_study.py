@@ -217,6 +217,30 @@ def test_a_study_made_before_new_config_keys_still_continues(tmp_path) -> None:
         check_meta(path, {"config": changed, "cuts": [0, 100]}, ("config", "cuts"))
 
 
+def test_a_finished_sweep_takes_more_cuts_seeds_and_baselines_but_drops_none(tmp_path) -> None:
+    """A sweep folder may grow (another cut to test, more seeds for power): its runs so far are kept and the
+    record names every arm; asking for fewer is refused, since the report would still read the runs left out."""
+    import json
+
+    from collafuse.errors import CollafuseError
+    from collafuse.studies.runner import check_meta
+
+    keys, growable = ("cuts", "seeds", "baselines", "budget"), ("cuts", "seeds", "baselines")
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"cuts": [0, 200, 1000], "seeds": 3, "baselines": ["fedavg"], "budget": "rounds",
+                                "seconds": 5.0}))
+    meta = {"cuts": [0, 200, 300, 1000], "seeds": 5, "baselines": ["fedavg", "client-id"], "budget": "rounds"}
+    check_meta(path, meta, keys, growable)
+    assert meta["seconds_before"] == 5.0
+    for key, smaller in (("cuts", [0, 1000]), ("cuts", [0, 300, 1000]), ("seeds", 2), ("baselines", [])):
+        with pytest.raises(CollafuseError, match=f"{key} differs: .* there, .* asked.*may grow, not shrink"):
+            check_meta(path, {**meta, key: smaller}, keys, growable)
+    with pytest.raises(CollafuseError, match="budget differs"):  # not growable
+        check_meta(path, {**meta, "budget": "steps"}, keys, growable)
+    with pytest.raises(CollafuseError, match="cuts differs"):  # nothing grows where the caller allows none
+        check_meta(path, meta, keys)
+
+
 def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) -> None:
     """Fast twin of the sweep tests above: the same study, evaluation and report code in this process."""
     from collafuse.studies.cuts import sweep
@@ -251,6 +275,13 @@ def test_a_sweep_of_one_cut_and_one_seed_in_process(tmp_path: Path, run_main) ->
     res = run_main("eval", str(run), "--set", "eval.n_per_client=8", "--quiet", cwd=tmp_path)
     assert res.returncode == 0 and "disclosure at t_zeta = 20" in res.stdout
     assert json.loads((run / "eval.json").read_text())["n_per_client"] == 8
+    # the finished sweep takes another cut: the runs so far stay, the new arm runs, the record and report have both
+    before = (run / "eval.json").stat().st_mtime_ns
+    sweep(None, cuts="0,20", seeds=1, baselines="two-stage@20", overrides=SWEEP, parallel=1, out=out, progress=False)
+    assert (run / "eval.json").stat().st_mtime_ns == before
+    assert json.loads((out / "cut_0000" / "seed_0" / "eval.json").read_text())["t_zeta"] == 0
+    assert json.loads((out / "sweep.json").read_text())["cuts"] == [0, 20]
+    assert "| 0 (global model) |" in report(out).read_text()
 
 
 def test_sweep_arms_set_each_baseline_and_refuse_what_does_not_apply() -> None:

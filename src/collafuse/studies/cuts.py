@@ -212,7 +212,8 @@ def sweep(config: str | None, *, cuts: str | None = None, seeds: int = 3, baseli
     meta = {"config": base.to_dict(), "cuts": cut_list, "seeds": seeds, "baselines": chosen, "budget": budget,
             "finetune_rounds": finetune_rounds, "quick": quick, "pairing": PAIRING}
     run_study_folder(out / "sweep.json", meta, ("config", "cuts", "seeds", "baselines", "budget", "finetune_rounds",
-                                                "pairing"), jobs, parallel, progress)
+                                                "pairing"), jobs, parallel, progress,
+                     growable=("cuts", "seeds", "baselines"))
     return out
 
 

@@ -123,8 +123,10 @@ def runs_at_once(parallel: int | None) -> int:
 ENGINE_SECTIONS = ("engine", "flower")  # where and how runs run: free to differ between machines
 
 
-def check_meta(meta_path: Path, meta: dict, keys: tuple[str, ...]) -> None:
-    """Refuse to continue a study folder made with other settings (threads may differ between machines)."""
+def check_meta(meta_path: Path, meta: dict, keys: tuple[str, ...], growable: tuple[str, ...] = ()) -> None:
+    """Refuse to continue a study folder made with other settings (threads may differ between machines). A key
+    in ``growable`` may grow (a list to a superset, a count to a larger one): a finished study takes more arms
+    or seeds, and its runs so far are kept; it may not shrink, which would leave runs the report no longer reads."""
     if not meta_path.exists():
         return
     old = json.loads(meta_path.read_text())
@@ -135,17 +137,26 @@ def check_meta(meta_path: Path, meta: dict, keys: tuple[str, ...]) -> None:
                      for sec, vals in old_v.items() if sec not in ENGINE_SECTIONS}
             new_v = {sec: {k: v for k, v in vals.items() if k in old_v.get(sec, {})}
                      for sec, vals in new_v.items() if sec not in ENGINE_SECTIONS}
-        if old_v != new_v:
-            raise CollafuseError(f"{meta_path.parent} holds a study with other settings ({key} differs); "
-                                 f"choose another --out or repeat the original command")
+        if old_v == new_v or key in growable and _grows(old_v, new_v):
+            continue
+        what = f"{key} differs" + ("" if key == "config" else f": {old_v} there, {new_v} asked")
+        more = f", or add to it (its {', '.join(growable)} may grow, not shrink)" if growable else ""
+        raise CollafuseError(f"{meta_path.parent} holds a study with other settings ({what}); choose another --out "
+                             f"or repeat the original command{more}")
     meta["seconds_before"] = old.get("seconds", 0.0)
 
 
+def _grows(old, new) -> bool:
+    if isinstance(old, list) and isinstance(new, list):
+        return set(map(json.dumps, old)) <= set(map(json.dumps, new))
+    return isinstance(old, int) and isinstance(new, int) and not isinstance(old, bool) and new >= old
+
+
 def run_study_folder(meta_path: Path, meta: dict, keys: tuple[str, ...], jobs: list[tuple[str, int, dict]],
-                     parallel: int, progress: bool, privacy: bool = False) -> None:
+                     parallel: int, progress: bool, privacy: bool = False, growable: tuple[str, ...] = ()) -> None:
     """Check or start the study folder of ``meta_path``, run its jobs, and record the command and the time."""
     meta["command"] = "collafuse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
-    check_meta(meta_path, meta, keys)
+    check_meta(meta_path, meta, keys, growable)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(meta_path, json.dumps(meta, indent=1))
     start = time.perf_counter()
