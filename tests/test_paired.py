@@ -287,9 +287,13 @@ def test_the_verdict_names_the_cuts_that_do_not_lose_to_the_best_and_pairs_clien
     assert rows[("cut_0500", "cut_0000")]["verdict"] == "beats"  # 0.9 against 0.33: higher is better
     assert rows[("cut_0500", "cut_1000")]["verdict"] == "loses to"
     # agreement: 1000 (0.95) is highest; 500 (0.9) loses to it by 5 points with 1-point noise
-    assert v["client_agreement_best"] == {"most": 1000, "not_worse": [1000]}
-    assert "- Highest client agreement among the cuts: t_zeta = 1000; cuts that do not lose to it (paired): [1000]." \
-        in text
+    best = v["client_agreement_best"]
+    assert best["most"] == 1000 and best["not_worse"] == [1000]
+    against = {r["cut"]: r for r in best["against_most"]}
+    assert sorted(against) == [0, 100, 500] and against[500]["verdict"] == "loses to"
+    assert abs(against[500]["diff"] + 0.05) <= Z * 0.01 * math.sqrt(2 / 5)  # 5 paired differences of sd-1-point draws
+    assert "- Highest client agreement among the cuts: t_zeta = 1000; cuts that do not lose to it (paired): [1000]. " \
+        "Each cut minus 1000, in points: 0 " in text
     share = float(re.search(r"\| 500 \| (\d+\.\d)% \|", text).group(1))
     assert abs(share - 90) <= Z * 100 * 0.01 / math.sqrt(5)  # the mean of 5 draws of sd 1 point
 
@@ -335,9 +339,16 @@ def test_each_clients_own_images_are_scored_where_the_pooled_figure_cannot_see_t
     assert rows[("cut_0200", "cut_1000")]["verdict"] == "loses to"
     se = sd * math.sqrt(2 / 3 / 5)  # a paired mean over 5 seeds of differences of two means of 3 draws
     assert abs(rows[("cut_0500", "cut_0000")]["diff"] + 7e-3) <= Z * se
+    against = {r["cut"]: r for r in own["best_cut"]["against_best"]}  # each cut minus the best, kept for the record
+    assert sorted(against) == [0, 200, 1000] and {r["verdict"] for r in against.values()} == {"loses to"}
+    assert abs(against[200]["diff"] - 3e-3) <= Z * se
     assert own["best_small_cut"]["one global model"]["most_often"] == 200
+    text = "\n".join(lines)
     assert "- The best cut of all on each client's own images (domain KID x1e3), picked for each seed on the " \
-        "other seeds: t_zeta = 500 (5 of 5 picks); cuts that do not lose to it (paired): [500]." in "\n".join(lines)
+        "other seeds: t_zeta = 500 (5 of 5 picks); cuts that do not lose to it (paired): [500]. Each cut minus " \
+        "500: 0 +" in text
+    printed = float(re.search(r"Each cut minus 500: 0 \+(\d+\.\d{3}) \[", text).group(1))
+    assert abs(printed - 7) <= Z * se * 1e3  # x1e3
     part = v["inception_kid"]["own_images"]  # the best of the cuts it has, not of all
     assert list(part["arms"]) == ["cut_0000", "cut_0200", "cut_1000"] and part["best_cut"]["most_often"] == 200
     assert "- The best of the cuts it was computed for on each client's own images (Inception KID x1e3)" in \

@@ -15,8 +15,9 @@ conditioned on the letter, 200 rounds), one global model drew the best letters b
 every client's style. The threshold was fitted on R2 before R3 was run; R3 failed the quality prediction and
 passed the personalisation one. R4 (clients that differ in stroke weight), run to test the personalisation
 reading where the rule gives 750, failed it: 500 kept each client's weight as well (client agreement 93.8% against
-92.7% at 750), so the rule can be one grid step too cautious; a threshold of about 0.4 would fit R2 and R4 but
-pick 300 on R3, where no sweep ran it: fitted after the fact and untested. Where the label alone names the
+92.7% at 750), so the rule can be one grid step too cautious. A threshold of 0.4, fitted to R4 after the fact,
+then failed on R3 (cut 300 added to its sweep): its pick there, 300, lost 11 points of client agreement to 500; no
+single threshold on r fits both R3 (below 0.30) and R4 (at least 0.40). Where the label alone names the
 client, nothing is left to tell apart beyond it: r = 0 and the rule gives 0 (R1: 0 ties the best pooled quality,
 but on each client's own images a split at 200 beats it; client agreement 97.8% against 99.2% at the best cut),
 and the choice is one of compute and disclosure, which the table beside it shows for every t.
@@ -193,7 +194,8 @@ def table(result: dict[str, Any]) -> str:
              "what it gives: from this cut up each client's samples are of its own kind (the study's R2, R3); a "
              "smaller cut shares more and may draw better images of what the clients have in common, with their "
              "kinds mixed (R3: one global model drew the best letters); it can be a grid step too cautious (R4: it "
-             "said 750, and 500 kept the clients' stroke weight) (docs/results/README.md)",
+             "said 750, and 500 kept the clients' stroke weight), and a looser threshold is not the cure (R3: 300 "
+             "lost to 500) (docs/results/README.md)",
              "settled: r's 95% interval clears the threshold on both sides of the pick" if result["settled"] else
              f"not settled: within the 95% intervals the cut could be any of {result['could_be']}", "",
              f"| t | accuracy (chance {num(result['chance'], '.2f')}) | remaining difference r [95%] | "

@@ -379,18 +379,24 @@ def _agreement_table(runs: dict[str, list[dict]], arms: list[Arm], glob: str, al
     values = {a.t_zeta: v for a in arms if a.kind == "cut" and (v := seed_values(runs[a.setting], AGREEMENT))}
     if len(values) > 1:
         top = max(values, key=lambda t: float(np.mean(list(values[t].values()))))
-        kept = _not_worse(values, top, higher_is_better=True)
+        kept, against = _not_worse(values, top, higher_is_better=True)
+        each = ", ".join(f"{r['cut']} {100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]"
+                         for r in against)
         lines += [f"- Highest client agreement among the cuts: t_zeta = {top}; cuts that do not lose to it "
-                  f"(paired): {kept}.", ""]
-        return rows, {"most": top, "not_worse": kept}
+                  f"(paired): {kept}." + (f" Each cut minus {top}, in points: {each}." if each else ""), ""]
+        return rows, {"most": top, "not_worse": kept, "against_most": against}
     return rows, None
 
 
-def _not_worse(values: dict[int, dict[str, float]], top: int, higher_is_better: bool = False) -> list[int]:
+def _not_worse(values: dict[int, dict[str, float]], top: int,
+               higher_is_better: bool = False) -> tuple[list[int], list[dict[str, Any]]]:
     """The cuts of ``values`` ({cut: per-seed values}) whose paired interval against cut ``top`` does not say they
-    lose to it (``top`` included)."""
-    return sorted(t for t, v in values.items() if t == top or (q := paired(v, values[top])) is None
-                  or q.verdict(higher_is_better) != "loses to")
+    lose to it (``top`` included), and each other cut's paired difference from ``top`` (cut minus top)."""
+    against = [{"cut": t, "diff": q.diff, "lo": q.lo, "hi": q.hi, "seeds": q.n,
+                "verdict": q.verdict(higher_is_better)}
+               for t in sorted(values) if t != top and (q := paired(values[t], values[top])) is not None]
+    lost = {r["cut"] for r in against if r["verdict"] == "loses to"}
+    return sorted(t for t in values if t not in lost), against
 
 
 def _own_images(runs: dict[str, list[dict]], arms: list[Arm], m: Measure, clients: list[str], glob: str,
@@ -443,12 +449,16 @@ def _own_images(runs: dict[str, list[dict]], arms: list[Arm], m: Measure, client
     cuts = {a.t_zeta: vals[a.setting] for a in arms if a.kind == "cut" and a.setting in vals}
     overall = crossfit_best(cuts, vals[glob]) if len(cuts) > 1 else None
     if overall is not None:
-        tied = _not_worse(cuts, overall["most_often"])
-        out["best_cut"] = {"most_often": overall["most_often"], "counts": overall["counts"], "not_worse": tied}
+        tied, against = _not_worse(cuts, overall["most_often"])
+        out["best_cut"] = {"most_often": overall["most_often"], "counts": overall["counts"], "not_worse": tied,
+                           "against_best": against}
+        each = ", ".join(f"{r['cut']} {r['diff'] * sc:+.3f} [{r['lo'] * sc:+.3f}, {r['hi'] * sc:+.3f}]"
+                         for r in against)
         lines.append(f"- The best {'of the cuts it was computed for' if partial else 'cut of all'} on each "
                      f"client's own images ({m.label}), picked for each seed on the other seeds: "
                      f"t_zeta = {overall['most_often']} ({overall['counts'][overall['most_often']]} of "
-                     f"{len(overall['picked'])} picks); cuts that do not lose to it (paired): {tied}.")
+                     f"{len(overall['picked'])} picks); cuts that do not lose to it (paired): {tied}."
+                     + (f" Each cut minus {overall['most_often']}: {each}." if each else ""))
     small = {t: v for t, v in cuts.items() if small_cut(t, T)}
     best = {}
     for name, b in (("one global model", glob), ("the clients alone", alone)):
