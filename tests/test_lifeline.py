@@ -5,6 +5,7 @@ no longer carry it (found by parent links, also once orphaned)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -224,6 +225,26 @@ def test_a_number_reused_by_another_process_is_not_covered():
         cover.known = {p.pid: start}
         cover.scan()
         assert cover.known == {p.pid: start}
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_scan_that_fails_still_signals_what_was_remembered(monkeypatch):
+    """If /proc cannot be read at the end, the watchdog still ends the processes it saw while its owner lived."""
+    from collafuse.engines.lifeline import _Cover
+
+    p = subprocess.Popen(["sleep", "300"])
+    try:
+        cover = _Cover("not-a-tag")
+        cover.known = {p.pid: descendants(os.getpid())[p.pid]}
+
+        def unreadable():
+            raise RuntimeError("no /proc")
+
+        monkeypatch.setattr(lifeline, "_table", unreadable)
+        assert cover.signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == -signal.SIGTERM
     finally:
         p.kill()
         p.wait()

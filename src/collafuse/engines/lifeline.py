@@ -154,7 +154,10 @@ class _Cover:
             if live is False:
                 self.groups.discard(pgid)
             alive = alive or live is not False
-        self.scan()
+        try:
+            self.scan()
+        except Exception:  # noqa: BLE001 - an unreadable /proc must not stop the end: signal those remembered
+            pass
         for pid in self.known:
             try:
                 os.kill(pid, sig)
@@ -207,7 +210,10 @@ def _watch(tag: str, grace_s: float) -> None:
     buf = b""
     while True:
         if not select.select([0], [], [], SCAN_S)[0]:
-            cover.scan(fresh=False)  # note the covered processes' descendants while their parents live
+            try:
+                cover.scan(fresh=False)  # note the covered processes' descendants while their parents live
+            except Exception:  # noqa: BLE001 - a failed scan must not end the watchdog before its work
+                pass
             continue
         chunk = os.read(0, 4096)
         if not chunk:
