@@ -141,23 +141,23 @@ class _Cover:
         return tagged
 
     def signal(self, sig: int) -> bool:
-        """Send ``sig`` to the groups and every covered process (scanned afresh first); whether any of them
-        was still running."""
-        alive = False
+        """Send ``sig`` to the groups and every covered process (scanned afresh, once, after the groups are
+        signalled); whether any of them was still running."""
         for pgid in list(self.groups):
             try:
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):  # gone, or the number reused by someone else's group
                 self.groups.discard(pgid)
-                continue
-            live = _live_members(pgid)
-            if live is False:
-                self.groups.discard(pgid)
-            alive = alive or live is not False
         try:
-            self.scan()
+            table = self.scan()
         except Exception:  # noqa: BLE001 - an unreadable /proc must not stop the end: signal those remembered
-            pass
+            table = {}
+        alive = False
+        for pgid in list(self.groups):
+            if not table or any(pgrp == pgid and state not in ("Z", "X") for _pp, pgrp, _st, state in table.values()):
+                alive = True  # a running member, or no /proc to tell
+            else:
+                self.groups.discard(pgid)  # only zombies left, waiting for their parent to reap them
         for pid in self.known:
             try:
                 os.kill(pid, sig)
@@ -193,14 +193,6 @@ def _uptime() -> float | None:
         return float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _live_members(pgid: int) -> bool | None:
-    """Whether the group has a member that is not a zombie (a zombie only waits for its parent to reap it);
-    None where /proc cannot tell."""
-    if not Path("/proc/self/stat").exists():
-        return None
-    return any(pgrp == pgid and state not in ("Z", "X") for _ppid, pgrp, _start, state in _table().values())
 
 
 def _watch(tag: str, grace_s: float) -> None:
